@@ -1,0 +1,222 @@
+"""
+Procedural memory: three levels, plain dicts and lists, saved as human-readable JSON.
+
+    experience  family -> list of raw trajectories {pid, text, reward, feedback, step}
+    insight     family -> {strategy: {agree: [pids], contradict: [pids], step}}
+                a strategy whose faithful traces passed on more inputs than they failed on is a
+                *strategy* (rendered `ok`); one that failed more is a *lesson* (rendered `bad`);
+                evidence both ways in equal measure retires it.
+    pattern     group -> {"i:step": {support: [families], against: [families]}}
+                steps that the confirmed strategies of several families of a group share; they are
+                what a family the memory has never seen can use.
+
+The memory is task-agnostic: it sees problems only through their keys (pid, family, group, prompt)
+and traces only through the task's verdict (reward, feedback) and the strategy (a tuple of steps)
+of a faithful trace. Only faithful traces count as evidence for insights and patterns.
+
+    python memory.py out/memory.json     prints the three levels
+"""
+import json
+import os
+import sys
+
+LEVELS = ("experience", "insight", "pattern")
+SETTINGS = dict(  # defaults; train.py's config is the source of truth for a run
+    max_families=256,  # families kept (least recently updated evicted first)
+    max_experiences=8,  # raw trajectories kept per family (failures evicted before successes)
+    max_insights=16,  # strategies and lessons kept per family (weakest evidence evicted first)
+    max_patterns=8,  # patterns kept per group (most supported first)
+    max_evidence=32,  # pids remembered per insight side (the most recent)
+    min_agree=2,  # distinct passing inputs before a strategy counts as confirmed for patterns
+    min_support=2,  # confirmed families sharing a step before it is a pattern
+    budget=160,  # characters of rendered context per problem
+    lines=(2, 3, 2),  # at most this many lines per level: experience, insight, pattern
+)
+
+
+def clean(text, n=48):
+    """One printable line of at most n characters (completions can be any bytes)."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text.rstrip("\n"))[:n]
+
+
+def experience_line(prompt, completion, reward, feedback):
+    """A raw trajectory as a context line; PMD's memory and SDPO's reprompt both render this way."""
+    return f"={clean(prompt + completion)} {reward}" + ("" if reward else f" {clean(feedback, 16)}")
+
+
+class Memory:
+    def __init__(self, **settings):
+        unknown = set(settings) - set(SETTINGS)
+        if unknown:
+            raise ValueError(f"memory: unknown setting(s) {sorted(unknown)}")
+        self.settings = {**SETTINGS, **settings}
+        self.settings["lines"] = tuple(self.settings["lines"])
+        self.step = 0
+        self.experience, self.insight, self.pattern = {}, {}, {}
+        self.groups = {}  # family -> group
+        self.touched = {}  # family -> last step it was updated (for eviction)
+
+    # -- update: add experiences, reflect them into insights, consolidate patterns ----------------
+
+    def update(self, rollouts):
+        """rollouts: objects with .problem, .completion, .reward, .feedback, .strategy (None unless faithful)."""
+        self.step += 1
+        for r in rollouts:
+            self.add(r.problem, r.completion, r.reward, r.feedback)
+        self.reflect(rollouts)
+        self.consolidate({r.problem.group for r in rollouts})
+        self.evict()
+
+    def add(self, problem, completion, reward, feedback):
+        fam = problem.family
+        self.groups[fam], self.touched[fam] = problem.group, self.step
+        exps = self.experience.setdefault(fam, [])
+        text = clean(problem.prompt + completion, 10**6)
+        for e in exps:
+            if e["text"] == text:  # the same trajectory again: refresh it, don't store a copy
+                e["step"] = self.step
+                return
+        exps.append(dict(pid=problem.pid, text=text, reward=int(reward), feedback=clean(feedback, 16), step=self.step))
+        while len(exps) > self.settings["max_experiences"]:
+            fails = [e for e in exps if not e["reward"]]
+            exps.remove(min(fails or exps, key=lambda e: e["step"]))
+
+    def reflect(self, rollouts):
+        """Each faithful trace agrees with its strategy (it passed) or contradicts it (it failed)."""
+        cap = self.settings["max_evidence"]
+        for r in rollouts:
+            problem, reward, strategy = r.problem, r.reward, r.strategy
+            if strategy is None:
+                continue
+            items = self.insight.setdefault(problem.family, {})
+            it = items.setdefault(",".join(strategy), dict(agree=[], contradict=[], step=self.step))
+            side = it["agree"] if reward else it["contradict"]
+            if problem.pid in side:
+                side.remove(problem.pid)
+            side.append(problem.pid)
+            del side[:-cap]
+            it["step"] = self.step
+            if it["agree"] and len(it["agree"]) == len(it["contradict"]):
+                del items[",".join(strategy)]  # retired: the evidence cancels out
+        for items in self.insight.values():
+            while len(items) > self.settings["max_insights"]:
+                weakest = min(items, key=lambda s: (abs(net(items[s])), items[s]["step"]))
+                del items[weakest]
+
+    def confirmed(self, family):
+        """The family's best strategy if it passed on at least min_agree more inputs than it failed."""
+        items = self.insight.get(family, {})
+        best = max(items, key=lambda s: net(items[s]), default=None)
+        return best if best is not None and net(items[best]) >= self.settings["min_agree"] else None
+
+    def consolidate(self, groups):
+        """Recompute each group's patterns from its families' confirmed strategies."""
+        for g in sorted(groups):  # sorted: a set's order varies per process, and it orders the pattern dict
+            plans = {f: self.confirmed(f).split(",") for f in self.groups if self.groups[f] == g and self.confirmed(f)}
+            feats = {}
+            for f, plan in plans.items():
+                for i, step in enumerate(plan, 1):
+                    feats.setdefault(f"{i}:{step}", []).append(f)
+            pats = {k: dict(support=sorted(fs), against=sorted(set(plans) - set(fs))) for k, fs in feats.items()}
+            pats = {k: p for k, p in pats.items() if len(p["support"]) >= self.settings["min_support"] and len(p["support"]) > len(p["against"])}
+            keep = sorted(pats, key=lambda k: -len(pats[k]["support"]))[: self.settings["max_patterns"]]
+            self.pattern[g] = {k: pats[k] for k in keep}
+            if not self.pattern[g]:
+                del self.pattern[g]
+
+    def evict(self):
+        while len(self.touched) > self.settings["max_families"]:
+            fam = min(self.touched, key=self.touched.get)
+            for d in (self.experience, self.insight, self.touched, self.groups):
+                d.pop(fam, None)
+
+    # -- render: a budgeted context for one problem ------------------------------------------------
+
+    def render(self, problem, levels=LEVELS):
+        """The memory relevant to one problem, as context lines, within the character budget."""
+        n_exp, n_ins, n_pat = self.settings["lines"]
+        by_level = dict(experience=[], insight=[], pattern=[])
+        if "experience" in levels:
+            exps = self.experience.get(problem.family, [])
+            rank = lambda e: (-e["reward"], e["pid"] != problem.pid, -e["step"])  # successes, this problem first
+            exps = sorted((e for e in exps if e["reward"] or e["pid"] == problem.pid), key=rank)
+            by_level["experience"] = [f"={e['text']} {e['reward']}" + ("" if e["reward"] else f" {e['feedback']}") for e in exps[:n_exp]]
+        if "insight" in levels:
+            items = self.insight.get(problem.family, {})
+            ranked = sorted(items, key=lambda s: (net(items[s]) < 0, -abs(net(items[s])), -items[s]["step"]))
+            by_level["insight"] = [insight_line(problem.family, s, net(items[s])) for s in ranked[:n_ins]]
+        if "pattern" in levels:
+            pats = self.pattern.get(problem.group, {})
+            by_level["pattern"] = [f"#{problem.group}* {k} {len(p['support'])}" for k, p in list(pats.items())[:n_pat]]
+        # fill the budget in priority order: the best line of each level first
+        chosen, used = set(), 0
+        for rank in range(max(n_exp, n_ins, n_pat)):
+            for lvl in ("insight", "pattern", "experience"):
+                if rank < len(by_level[lvl]) and used + len(by_level[lvl][rank]) + 1 <= self.settings["budget"]:
+                    chosen.add((lvl, rank))
+                    used += len(by_level[lvl][rank]) + 1
+        return "".join(line + "\n" for lvl in LEVELS for r, line in enumerate(by_level[lvl]) if (lvl, r) in chosen)
+
+    # -- save / load as JSON -----------------------------------------------------------------------
+
+    def state(self):
+        return dict(version=1, settings=self.settings, step=self.step, groups=self.groups, touched=self.touched,
+                    experience=self.experience, insight=self.insight, pattern=self.pattern)
+
+    def save(self, path):
+        """Atomic: write a temporary file, then rename it over the old one."""
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.state(), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path):
+        try:
+            with open(path) as f:
+                d = json.load(f)
+            mem = cls(**d["settings"])
+            mem.step, mem.groups, mem.touched = int(d["step"]), dict(d["groups"]), dict(d["touched"])
+            mem.experience, mem.insight, mem.pattern = dict(d["experience"]), dict(d["insight"]), dict(d["pattern"])
+        except FileNotFoundError:
+            raise ValueError(f"memory file {path} not found") from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"memory file {path} is corrupt or not a memory file ({type(e).__name__}: {str(e)[:80]})") from None
+        return mem
+
+
+def net(item):
+    return len(item["agree"]) - len(item["contradict"])
+
+
+def insight_line(family, strategy, n):
+    return f"#{family} ok {strategy} {n}" if n > 0 else f"#{family} bad {strategy} {-n}"
+
+
+def describe(mem):
+    """The three levels as text a person reads."""
+    out = [f"memory at step {mem.step}: {len(mem.groups)} families, {sum(map(len, mem.experience.values()))} experiences, "
+           f"{sum(map(len, mem.insight.values()))} insights, {sum(map(len, mem.pattern.values()))} patterns"]
+    for g in sorted(set(mem.groups.values())):
+        out.append(f"\ngroup {g}")
+        for k, p in mem.pattern.get(g, {}).items():
+            out.append(f"  pattern  step {k} shared by {', '.join(p['support'])}" + (f" (not by {', '.join(p['against'])})" if p["against"] else ""))
+        for fam in sorted(f for f in mem.groups if mem.groups[f] == g):
+            out.append(f"  family {fam}")
+            for s, it in sorted(mem.insight.get(fam, {}).items(), key=lambda kv: -net(kv[1])):
+                kind = "strategy" if net(it) > 0 else "lesson  "
+                out.append(f"    {kind} {s:<16} passed on {len(it['agree'])} inputs, failed on {len(it['contradict'])}")
+            for e in mem.experience.get(fam, []):
+                out.append(f"    trace    {e['text']}  -> {e['reward']} {e['feedback']}")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python memory.py out/memory.json")
+    try:
+        print(describe(Memory.load(sys.argv[1])))
+    except ValueError as e:
+        sys.exit(f"error: {e}")

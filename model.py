@@ -1,0 +1,247 @@
+"""
+A small GPT (rotary positions, tied head) plus what PMD needs around it:
+
+- `encode` / `decode`: a byte-level tiktoken Encoding built in code (nothing is downloaded);
+- `generate`: batched sampling with a KV cache: each prompt is prefilled once, its cache is
+  replicated for the G samples of its group, every row samples its own tokens and stops on its own;
+- `completion_logits`: the logits a model gives to known completion tokens after a given prefix.
+  The student (prefix = prompt) and the teacher (prefix = memory context + prompt) both use it.
+"""
+import math
+from dataclasses import dataclass
+
+import tiktoken
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# tokenizer: one token per byte, so the vocabulary is 256 and every string round-trips
+
+ENC = tiktoken.Encoding(
+    name="pmd-bytes",
+    pat_str=r"[\s\S]",  # one byte per piece: no merges ever apply
+    mergeable_ranks={bytes([i]): i for i in range(256)},
+    special_tokens={},
+)
+VOCAB_SIZE = 256
+PAD = 0  # the NUL byte never occurs in text the task produces; used only for padding
+EOS = ord("\n")  # every completion ends with a newline; sampling stops there
+
+
+def encode(text):
+    return ENC.encode_ordinary(text)
+
+
+def decode(ids):
+    return bytes(ids).decode("utf-8", errors="replace")
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256
+    n_layer: int = 3
+    n_head: int = 4
+    n_embd: int = 128
+
+
+def rotary(x, pos):
+    """x: (B, nh, T, hs), pos: (B, T) integer positions -> x rotated by its positions."""
+    hs = x.size(-1)
+    freqs = 1.0 / (10000 ** (torch.arange(0, hs, 2, device=x.device, dtype=torch.float32) / hs))
+    ang = pos[:, None, :, None].float() * freqs  # (B, 1, T, hs/2)
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x, pos, mask, cache):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k = rotary(q, pos), rotary(k, pos)
+        if cache is not None:  # decoding: append this step's keys and values, attend to all so far
+            k, v = cache.update(k, v)
+        if mask is None:  # training / scoring: right-padded rows, plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # sampling: left-padded rows, so padding keys are masked out
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
+        self.attn = Attention(cfg)
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(), nn.Linear(4 * cfg.n_embd, cfg.n_embd))
+
+    def forward(self, x, pos, mask, cache):
+        x = x + self.attn(self.ln1(x), pos, mask, cache)
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(VOCAB_SIZE, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.apply(self._init)  # std 0.02 everywhere: the default embedding init with a tied head starts at a huge loss
+
+    def _init(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, idx, pos=None, mask=None, caches=None):
+        """idx: (B, T) tokens -> logits (B, T, V). pos defaults to 0..T-1 (right-padded rows)."""
+        if pos is None:
+            pos = torch.arange(idx.size(1), device=idx.device).expand_as(idx)
+        x = self.wte(idx)  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, pos, mask, None if caches is None else caches[i])
+        return self.ln_f(x) @ self.wte.weight.t()  # tied head
+
+
+# -----------------------------------------------------------------------------
+# scoring known completions (student and teacher share this)
+
+
+def pad_batch(seqs, device):
+    """Right-pad lists of token ids into a (B, T) tensor."""
+    T = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), T), PAD, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out.to(device)
+
+
+def completion_logits(model, prefixes, completions, device):
+    """Logits the model gives to each completion token after its prefix.
+
+    prefixes, completions: lists (length B) of token-id lists.
+    Returns logits (B, L, V) and targets (B, L) with L = longest completion; targets past a row's
+    completion are -1 (the ignore index), so one mask serves every loss.
+    """
+    seqs = [p + c for p, c in zip(prefixes, completions)]
+    logits = model(pad_batch(seqs, device))  # (B, T, V)
+    L = max(len(c) for c in completions)
+    start = torch.tensor([len(p) - 1 for p in prefixes], device=device)  # position predicting completion[0]
+    idx = (start[:, None] + torch.arange(L, device=device)).clamp(max=logits.size(1) - 1)  # (B, L)
+    out = logits.gather(1, idx[:, :, None].expand(-1, -1, logits.size(-1)))  # (B, L, V)
+    targets = torch.full((len(seqs), L), -1, dtype=torch.long)
+    for i, c in enumerate(completions):
+        targets[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+    return out, targets.to(device)
+
+
+# -----------------------------------------------------------------------------
+# batched sampling with a KV cache
+
+
+class KVCache:
+    """Preallocated keys and values of one layer: (B, nh, T_max, hs)."""
+
+    def __init__(self, B, n_head, T_max, hs, device, dtype):
+        self.k = torch.zeros(B, n_head, T_max, hs, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.t = 0
+
+    def update(self, k, v):
+        T = k.size(2)
+        self.k[:, :, self.t : self.t + T] = k
+        self.v[:, :, self.t : self.t + T] = v
+        self.t += T
+        return self.k[:, :, : self.t], self.v[:, :, : self.t]
+
+    def repeat(self, n):
+        """Replicate each row n times (prefill once, then sample the group)."""
+        self.k = self.k.repeat_interleave(n, 0)
+        self.v = self.v.repeat_interleave(n, 0)
+
+
+def left_pad(prompts, device):
+    """Left-pad prompts: tokens (B, T), valid (B, T) bool, positions (B, T) counting from each row's first token."""
+    T = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), T), PAD, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        idx[i, T - len(p) :] = torch.tensor(p, dtype=torch.long)
+    valid = idx != PAD
+    valid[:, -1] = True  # an empty prompt still has a position to sample from
+    pos = (valid.cumsum(1) - 1).clamp(min=0)
+    return idx.to(device), valid.to(device), pos.to(device)
+
+
+def attn_mask(valid, T_q):
+    """Boolean mask (B, 1, T_q, T_k) for the last T_q queries over all T_k keys: causal, no padding keys.
+    A padding query may see itself, so that no row is fully masked (its output is never used)."""
+    T_k = valid.size(1)
+    q_pos = torch.arange(T_k - T_q, T_k, device=valid.device)
+    causal = torch.arange(T_k, device=valid.device)[None, :] <= q_pos[:, None]  # (T_q, T_k)
+    self_ = torch.arange(T_k, device=valid.device)[None, :] == q_pos[:, None]
+    return ((causal & valid[:, None, :]) | self_)[:, None]
+
+
+@torch.no_grad()
+def generate(model, prompts, n_samples, max_new_tokens, temperature=1.0, generator=None, use_cache=True):
+    """Sample n_samples completions for each prompt (a list of token-id lists).
+
+    Returns (completions, logprobs): len(prompts) * n_samples token-id lists grouped by prompt, each
+    ending with EOS unless cut at max_new_tokens, and the sampler's log-probability of each token
+    (for the importance-sampling ratio). temperature 0 is greedy. With use_cache=False every step
+    recomputes the whole sequence; under the same generator it yields the same tokens.
+    """
+    device = next(model.parameters()).device
+    cfg = model.cfg
+    idx, valid, pos = left_pad(prompts, device)
+    B, Tp = idx.shape
+    T_max = Tp + max_new_tokens
+    assert T_max <= cfg.block_size, f"prompt ({Tp}) + max_new_tokens ({max_new_tokens}) exceeds block_size {cfg.block_size}"
+    dtype = next(model.parameters()).dtype
+    caches = [KVCache(B, cfg.n_head, T_max, cfg.n_embd // cfg.n_head, device, dtype) for _ in range(cfg.n_layer)] if use_cache else None
+    logits = model(idx, pos, attn_mask(valid, Tp), caches)[:, -1]  # prefill once per prompt: (B, V)
+    # replicate every row for its group
+    logits, idx, valid, pos = (t.repeat_interleave(n_samples, 0) for t in (logits, idx, valid, pos))
+    if use_cache:
+        for c in caches:
+            c.repeat(n_samples)
+    N = B * n_samples
+    out = torch.full((N, max_new_tokens), PAD, dtype=torch.long, device=device)
+    out_logp = torch.zeros(N, max_new_tokens, device=device)
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        if temperature == 0:
+            tok = logits.argmax(-1)
+        else:
+            probs = F.softmax(logits.float() / temperature, dim=-1)
+            tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        tok = torch.where(done, PAD, tok)
+        out[:, t] = tok
+        out_logp[:, t] = F.log_softmax(logits.float() / max(temperature, 1e-6), -1).gather(1, tok[:, None]).squeeze(1)
+        done = done | (tok == EOS)
+        if t == max_new_tokens - 1 or bool(done.all()):
+            break
+        next_pos = pos[:, -1:] + 1
+        idx, pos = torch.cat([idx, tok[:, None]], 1), torch.cat([pos, next_pos], 1)
+        valid = torch.cat([valid, torch.ones_like(done)[:, None]], 1)
+        if use_cache:
+            logits = model(tok[:, None], next_pos, attn_mask(valid, 1), caches)[:, -1]
+        else:
+            logits = model(idx, pos, attn_mask(valid, idx.size(1)), None)[:, -1]
+    rows = out[:, : t + 1].tolist()
+    comps = [r[: r.index(EOS) + 1] if EOS in r else r for r in rows]  # a row without EOS was cut at the limit
+    return comps, [lp[: len(c)] for lp, c in zip(out_logp.tolist(), comps)]

@@ -1,0 +1,224 @@
+"""
+Procedural Memory Distillation: rollout, reflect, teacher, distill.
+
+One step, for every method (only what the teacher is shown differs):
+    rollout   the student samples G completions per prompt; the task's verifier scores each
+    reflect   PMD: the rollouts update the memory (experiences -> insights -> patterns)
+    teacher   the same network (live, EMA or frozen weights) reads a context and scores the
+              student's own completion tokens: PMD's context is the memory rendered for the
+              problem, SDPO's the first successful sibling plus the sample's own feedback
+    distill   per-token divergence between student and teacher next-token distributions
+              (GRPO instead weighs the sampled tokens' log-probs by r - mean(r) of the group)
+The student never sees a context, so the trained model needs no memory at inference.
+"""
+import copy
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from memory import LEVELS, Memory, experience_line
+from model import completion_logits, decode, encode, generate
+
+
+@dataclass
+class Rollout:
+    problem: object
+    completion: str
+    tokens: list  # completion token ids
+    logp_old: list  # the sampler's log-prob of each token
+    reward: int
+    feedback: str
+    strategy: tuple = None  # the steps of a faithful trace, else None
+
+
+# -----------------------------------------------------------------------------
+# rollout
+
+
+def rollout(model, task, problems, G, temperature, generator):
+    """G sampled completions per problem, verified. Returns a list of len(problems) * G Rollouts."""
+    was_training = model.training
+    model.eval()
+    comps, logps = generate(model, [encode(p.prompt) for p in problems], G, task.max_completion, temperature, generator)
+    model.train(was_training)
+    out = []
+    for i, (c, lp) in enumerate(zip(comps, logps)):
+        p, text = problems[i // G], decode(c)
+        reward, feedback = task.verify(p, text)
+        out.append(Rollout(p, text, c, lp, reward, feedback, task.strategy(p, text)))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# teacher: what it is shown, and which weights it uses
+
+
+def teacher_contexts(method, rollouts, G, memory=None, levels=LEVELS):
+    """The context text the teacher reads before each rollout's prompt; None masks the rollout out."""
+    if method == "grpo":
+        return [None] * len(rollouts)
+    if method == "pmd":
+        return [memory.render(r.problem, levels) or None for r in rollouts]
+    contexts = []  # sdpo: the first successful sibling (never the sample itself) and the sample's own feedback
+    for i, r in enumerate(rollouts):
+        group = rollouts[i - i % G : i - i % G + G]
+        demo = next((s for s in group if s.reward and s is not r), None)
+        lines = [experience_line(demo.problem.prompt, demo.completion, 1, "")] if demo else []
+        if not r.reward:
+            lines.append(experience_line(r.problem.prompt, r.completion, 0, r.feedback))
+        contexts.append("".join(l + "\n" for l in lines) if demo or not r.reward else None)
+    return contexts
+
+
+def make_teacher(model, mode):
+    """live: the student itself; ema: a copy updated towards the student every step; frozen: a copy never updated."""
+    if mode == "live":
+        return model
+    teacher = copy.deepcopy(model).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def ema_update(teacher, model, rate):
+    for t, s in zip(teacher.parameters(), model.parameters()):
+        t.lerp_(s, rate)
+
+
+# -----------------------------------------------------------------------------
+# losses
+
+
+def grpo_advantages(rewards, G, std_norm=False):
+    """rewards (N,) in groups of G -> advantages (N,): r - mean(r) of its group (optionally / std)."""
+    r = rewards.view(-1, G)
+    a = r - r.mean(1, keepdim=True)
+    if std_norm:
+        a = a / (r.std(1, keepdim=True) + 1e-4)
+    return a.view(-1)
+
+
+def token_logprobs(logits, targets):
+    """logits (B, L, V), targets (B, L) with -1 ignored -> log-prob of each target (B, L), 0 where ignored."""
+    logp = F.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    return logp * (targets >= 0)
+
+
+def pg_loss(logp, adv, mask):
+    """Policy gradient, token-level mean: -sum A_i log p(y_it) / #tokens. One update per batch, so no ratio clip."""
+    return -(adv[:, None] * logp * mask).sum() / mask.sum().clamp(min=1)
+
+
+def divergence(ls, lt, alpha):
+    """Per-position divergence between log-distributions ls (student) and lt (teacher), (..., K) -> (...).
+    alpha 0: forward KL(t||s); 1: reverse KL(s||t); between: generalised JSD with M = (1-a) p_s + a p_t."""
+    if alpha == 0:
+        return (lt.exp() * (lt - ls)).sum(-1)
+    if alpha == 1:
+        return (ls.exp() * (ls - lt)).sum(-1)
+    a = torch.tensor(alpha, device=ls.device)
+    lm = torch.logsumexp(torch.stack([ls + torch.log1p(-a), lt + torch.log(a)]), 0)
+    return alpha * (lt.exp() * (lt - lm)).sum(-1) + (1 - alpha) * (ls.exp() * (ls - lm)).sum(-1)
+
+
+def topk_with_tail(ls, lt, k):
+    """Restrict both distributions to the student's top-k tokens plus one bucket for the rest."""
+    idx = ls.topk(k, -1).indices
+    ls_k, lt_k = ls.gather(-1, idx), lt.gather(-1, idx)
+    tail = lambda l: torch.log1p(-l.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6))
+    return torch.cat([ls_k, tail(ls_k)], -1), torch.cat([lt_k, tail(lt_k)], -1)
+
+
+def distill_loss(s_logits, t_logits, targets, mask, alpha=0.5, topk=0, sampled_token=False, logp_old=None, is_clip=0.0):
+    """Self-distillation on the student's own tokens, token-level mean over unmasked positions.
+
+    s_logits, t_logits (B, L, V); targets (B, L); mask (B, L) float.
+    sampled_token: the reverse-KL estimator stopgrad(log p_s(y) - log p_t(y)) * log p_s(y) on the sampled token only.
+    is_clip > 0: multiply by min(p_s(y) / p_old(y), is_clip), detached (logp_old (B, L) from the sampler).
+    """
+    ls, lt = F.log_softmax(s_logits.float(), -1), F.log_softmax(t_logits.float(), -1).detach()
+    if sampled_token:
+        ls_y, lt_y = token_logprobs(s_logits, targets), token_logprobs(t_logits, targets).detach()
+        per_tok = (ls_y - lt_y).detach() * ls_y  # (B, L)
+    else:
+        if topk:
+            ls, lt = topk_with_tail(ls, lt, topk)
+        per_tok = divergence(ls, lt, alpha)  # (B, L)
+    if is_clip:
+        ratio = (token_logprobs(s_logits, targets) - logp_old).exp()
+        per_tok = per_tok * ratio.clamp(max=is_clip).detach()
+    return (per_tok * mask).sum() / mask.sum().clamp(min=1)
+
+
+# -----------------------------------------------------------------------------
+# one training step
+
+
+def step(model, teacher, task, memory, problems, cfg, generator, device, memory_source=None, gather=None):
+    """Rollout, reflect, teacher, distill for one batch of problems. Returns (loss, stats) with the loss
+    ready for backward. memory_source: a different model whose rollouts feed the memory (frozen policy).
+    gather: maps this rank's rollouts to every rank's, merged in rank order, for the memory update (distributed)."""
+    rolls = rollout(model, task, problems, cfg.group_size, cfg.temperature, generator)
+    if cfg.update_memory:  # every method keeps a memory (so teacher_acc is comparable); only PMD's teacher reads it
+        feed = rolls if memory_source is None else rollout(memory_source, task, problems, cfg.group_size, cfg.temperature, generator)
+        memory.update(feed if gather is None else gather(feed))
+    contexts = teacher_contexts(cfg.method, rolls, cfg.group_size, memory, [l for l in cfg.memory_levels.split(",") if l])
+    prompts = [encode(r.problem.prompt) for r in rolls]
+    s_logits, targets = completion_logits(model, prompts, [r.tokens for r in rolls], device)  # (N, L, V), (N, L)
+    mask = (targets >= 0).float()
+    rewards = torch.tensor([float(r.reward) for r in rolls], device=device)
+    stats = dict(reward=rewards.mean().item(), length=mask.sum(1).mean().item())
+    loss = torch.zeros((), device=device)
+    if cfg.method == "grpo" or cfg.pg_weight > 0:
+        adv = grpo_advantages(rewards, cfg.group_size, cfg.adv_std)
+        loss = loss + (1.0 if cfg.method == "grpo" else cfg.pg_weight) * pg_loss(token_logprobs(s_logits, targets), adv, mask)
+    if cfg.method != "grpo":
+        keep = [i for i, c in enumerate(contexts) if c is not None]
+        stats["teacher_frac"] = len(keep) / len(rolls)
+        if keep:
+            with torch.no_grad():
+                t_logits, _ = completion_logits(teacher, [encode(contexts[i]) + prompts[i] for i in keep], [rolls[i].tokens for i in keep], device)
+            logp_old = torch.zeros_like(mask)
+            for i, r in enumerate(rolls):
+                logp_old[i, : len(r.logp_old)] = torch.tensor(r.logp_old)
+            kd = distill_loss(s_logits[keep], t_logits, targets[keep], mask[keep], cfg.alpha, cfg.topk, cfg.sampled_token, logp_old[keep], cfg.is_clip)
+            loss = loss + kd * len(keep) / len(rolls)  # masked-out rollouts count as zero, as in a token mean over the batch
+            stats["distill"] = kd.item()
+    return loss, stats
+
+
+def sft_loss(model, examples, device):
+    """Cross-entropy on completion tokens only; examples are (context, prompt, completion) strings."""
+    logits, targets = completion_logits(model, [encode(c + p) for c, p, _ in examples], [encode(y) for _, _, y in examples], device)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+
+
+# -----------------------------------------------------------------------------
+# warm-up data: executing procedures and reading memory, on groups never used in RL
+
+
+def warmup_example(task, rng, memory_settings, p_plain=0.3):
+    """(context, prompt, completion) for one problem of a fresh warm-up group.
+
+    A memory is filled with plausible attempts (right and wrong, some unfaithful) at some problems of
+    the group, then rendered for the target problem with a random subset of levels. The target is
+    always the reference solution, so the model learns to use whatever the context tells it (copy a
+    passing plan, avoid a failed one, follow a group's shared step) and, without context, a uniform
+    guess over plans."""
+    probs = task.warmup_group(rng)
+    target = rng.choice(probs)
+    if rng.random() < p_plain:
+        return "", target.prompt, task.solve(target)
+    mem = Memory(**memory_settings)
+    seen = rng.sample(probs, rng.randint(1, len(probs)))
+    rolls = []
+    for p in seen:
+        for _ in range(rng.randint(1, 3)):
+            text = task.attempt(p, rng)
+            reward, feedback = task.verify(p, text)
+            rolls.append(Rollout(p, text, [], [], reward, feedback, task.strategy(p, text)))
+    mem.update(rolls)
+    levels = [l for l in LEVELS if rng.random() < 0.6] or [rng.choice(LEVELS)]
+    return mem.render(target, levels), target.prompt, task.solve(target)

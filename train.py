@@ -1,0 +1,505 @@
+"""
+Warm-up, then online self-improvement with GRPO, SDPO or PMD, on the built-in task.
+
+    python train.py                              # warm-up (cached), then PMD; CUDA when present, else CPU
+    python train.py --method=sdpo --out_dir=out/sdpo
+    python train.py --init_from=resume           # continue the run in out_dir
+    python train.py --help                       # every setting, its default and its comment
+    torchrun --standalone --nproc_per_node=8 train.py   # one process per GPU (NCCL; gloo on CPU). Each rank samples
+        # its share of every step's problems, gradients are averaged, every rank updates the memory with all ranks'
+        # rollouts; rank 0 evaluates and writes files. Resume with the same number of ranks.
+
+Every setting lives in the block below; any of them can be overridden as --key=value.
+Writes to out_dir: ckpt.pt, memory.json, metrics.jsonl (one JSON object per evaluation).
+"""
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from memory import LEVELS, SETTINGS as MEMORY_DEFAULTS, Memory
+from model import GPT, GPTConfig, encode, decode, generate
+from pmd import Rollout, ema_update, make_teacher, sft_loss, step as pmd_step, warmup_example
+from verify import HiddenProcedures
+
+# -----------------------------------------------------------------------------
+# config: the one source of truth; each line is overridable as --key=value
+# I/O
+out_dir = "out"  # ckpt.pt, memory.json, metrics.jsonl
+init_from = "scratch"  # 'scratch' (warm-up checkpoint, then RL) or 'resume' (continue the run in out_dir)
+cache_dir = "cache"  # warm-up checkpoints, keyed by everything they depend on, shared by all methods and seeds
+device = "auto"  # 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
+compile = False  # torch.compile the student (CUDA)
+seed = 1337  # RL seed: problem order, sampling
+# task (the built-in hidden-procedure task; its difficulty knobs)
+plan_len = 3  # ops per hidden plan
+n_ops = 6  # ops to choose from
+n_groups = 3  # RL groups (families of a group share their first op)
+families_per_group = 4
+input_len = 5  # letters per input string
+n_train = 32  # RL inputs per family
+n_heldout = 8  # held-out inputs per family (evaluation only)
+task_seed = 0  # the family table
+# model
+n_layer = 3
+n_head = 4
+n_embd = 128
+block_size = 256
+# warm-up: executing procedures and reading memory lines, on groups never used in RL
+warmup_steps = 1500
+warmup_batch = 64
+warmup_lr = 3e-3
+warmup_seed = 0
+# RL
+method = "pmd"  # 'grpo', 'sdpo' or 'pmd'
+steps = 200  # RL steps
+prompts_per_step = 8  # problems per step
+group_size = 8  # samples per problem (G)
+temperature = 1.0
+lr = 1e-3
+grad_clip = 1.0
+max_nonfinite = 5  # a step with a non-finite loss or gradient norm is skipped; this many in a row stop the run
+replay = 16  # warm-up examples with a context mixed into every RL step (keeps the teacher able to read it)
+eval_interval = 10  # steps between evaluations (and checkpoints)
+# loss
+alpha = 0.0  # 0 forward KL(teacher||student), 1 reverse KL, between: generalised JSD
+topk = 0  # >0: distil over the student's top-k tokens plus a tail bucket
+sampled_token = False  # the sampled-token reverse-KL estimator instead of the full distribution
+is_clip = 0.0  # >0: importance-sampling weight min(p/p_old, is_clip)
+pg_weight = 0.0  # >0: add the GRPO term to SDPO / PMD with this weight
+adv_std = False  # divide GRPO advantages by the group's std
+# teacher
+teacher = "ema"  # 'live', 'ema' or 'frozen' weights
+ema_rate = 0.05
+# memory
+memory_levels = "experience,insight,pattern"  # what PMD's teacher is shown
+update_memory = True  # False: the memory keeps what it has (frozen memory)
+mem_max_families = 256
+mem_max_experiences = 8
+mem_max_insights = 16
+mem_max_patterns = 8
+mem_min_agree = 2
+mem_min_support = 2
+mem_budget = 160  # characters of context per problem
+# -----------------------------------------------------------------------------
+CONFIG_KEYS = [k for k, v in dict(globals()).items() if not k.startswith("_") and k.islower() and isinstance(v, (int, float, bool, str))]
+CONFIG_KEYS = CONFIG_KEYS[CONFIG_KEYS.index("out_dir") :]
+
+
+def parse_args(argv, defaults):
+    """--key=value overrides, typed by the default; a clear one-line error for anything else."""
+    cfg = dict(defaults)
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(__doc__)
+            for k, v in defaults.items():
+                print(f"  --{k}={v}")
+            sys.exit(0)
+        if not arg.startswith("--") or "=" not in arg:
+            raise ValueError(f"argument {arg!r}: expected --key=value")
+        key, val = arg[2:].split("=", 1)
+        if key not in cfg:
+            raise ValueError(f"unknown config key {key!r} (see --help)")
+        typ = type(defaults[key])
+        try:
+            if typ is bool:
+                if val.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                cfg[key] = val.lower() in ("true", "1")
+            else:
+                cfg[key] = typ(val)
+        except ValueError:
+            raise ValueError(f"config key {key!r} expects {typ.__name__}, got {val!r}") from None
+    check_config(cfg)
+    return SimpleNamespace(**cfg)
+
+
+def check_config(c):
+    choices = dict(init_from=("scratch", "resume"), method=("grpo", "sdpo", "pmd"), teacher=("live", "ema", "frozen"))
+    for k, allowed in choices.items():
+        if c[k] not in allowed:
+            raise ValueError(f"config key {k!r} must be one of {allowed}, got {c[k]!r}")
+    levels = [l for l in c["memory_levels"].split(",") if l]
+    if any(l not in LEVELS for l in levels):
+        raise ValueError(f"memory_levels must be a comma list of {LEVELS}, got {c['memory_levels']!r}")
+    if not 0 <= c["alpha"] <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {c['alpha']}")
+    if c["sampled_token"] and c["topk"]:
+        raise ValueError("sampled_token and topk exclude each other (the sampled-token form uses one token)")
+    if c["n_embd"] % c["n_head"]:
+        raise ValueError(f"n_embd ({c['n_embd']}) must be divisible by n_head ({c['n_head']})")
+    for k in ("steps", "prompts_per_step", "group_size", "eval_interval", "warmup_batch", "max_nonfinite"):
+        if c[k] < 1:
+            raise ValueError(f"{k} must be >= 1, got {c[k]}")
+    if c["replay"] < 0:
+        raise ValueError(f"replay must be >= 0, got {c['replay']}")
+
+
+def memory_settings(c):
+    return dict(max_families=c.mem_max_families, max_experiences=c.mem_max_experiences, max_insights=c.mem_max_insights,
+                max_patterns=c.mem_max_patterns, min_agree=c.mem_min_agree, min_support=c.mem_min_support, budget=c.mem_budget,
+                lines=MEMORY_DEFAULTS["lines"], max_evidence=MEMORY_DEFAULTS["max_evidence"])
+
+
+def make_task(c):
+    return HiddenProcedures(c.plan_len, c.n_ops, c.n_groups, c.families_per_group, c.input_len, c.n_train, c.n_heldout, c.task_seed)
+
+
+def pick_device(c):
+    if c.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if c.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {c.device!r}: CUDA is not available")
+    return c.device
+
+
+def autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+
+
+def atomic_save(obj, path, rename=True):
+    """torch.save to a temporary file, flushed to disk, then renamed over path: a kill mid-write leaves the old file intact.
+    rename=False leaves the rename to the caller (returns the temporary path)."""
+    tmp = f"{path}.{os.getpid()}.tmp"  # one per process: runs that share cache_dir may write the same warm-up at once
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if rename:
+        os.replace(tmp, path)
+    return tmp
+
+
+RESUME_KEYS = ("model", "config", "optimizer", "step", "rollouts", "py_rng", "torch_rng", "gen_rng")
+
+
+def load_checkpoint(path, keys=("model", "config")):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint {path} not found") from None
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys):
+        raise ValueError(f"checkpoint {path} is not a checkpoint of this project" + (" (or not one to resume from)" if isinstance(ckpt, dict) and "model" in ckpt else ""))
+    return ckpt
+
+
+def load_weights(module, state, path):
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError, KeyError) as e:
+        raise ValueError(f"checkpoint {path} does not fit this model (n_layer, n_head, n_embd must match): {' '.join(str(e).split())[:200]}") from None
+
+
+def read_metrics(path, upto):
+    """The lines of metrics.jsonl up to step upto, to resume from; a torn last line (a kill mid-write) ends them."""
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except OSError as e:
+        raise ValueError(f"cannot read {path} to resume ({e.strerror})") from None
+    kept = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+            if rec["step"] > upto:
+                break
+        except (ValueError, KeyError, TypeError):
+            break
+        kept.append(line)
+    if not kept or json.loads(kept[0])["step"] != 0:
+        raise ValueError(f"{path} lacks the step-0 evaluation; cannot resume")
+    return kept
+
+
+def fingerprint(model, teacher, memory, rng):
+    """sha1s (12 hex digits) of what every rank must hold identically: weights (student, teacher), memory, problem RNG."""
+    h = hashlib.sha1()
+    for m in {id(model): model, id(teacher): teacher}.values():
+        for t in m.state_dict().values():
+            h.update(t.detach().float().cpu().numpy().tobytes())
+    return dict(params=h.hexdigest()[:12], memory=hashlib.sha1(json.dumps(memory.state()).encode()).hexdigest()[:12],
+                rng=hashlib.sha1(repr(rng.getstate()).encode()).hexdigest()[:12])
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def accuracy(model, task, problems, contexts, device):
+    """Greedy accuracy on problems, each after its context ('' for the memory-free student)."""
+    comps, _ = generate(model, [encode(c + p.prompt) for c, p in zip(contexts, problems)], 1, task.max_completion, temperature=0)
+    return sum(task.verify(p, decode(y))[0] for p, y in zip(problems, comps)) / len(problems)
+
+
+def headroom(model, task, c, device):
+    """Right after warm-up: the student without memory vs the teacher given each memory level, on the RL
+    families' held-out problems. The memory holds verified reference traces of a few training problems per
+    family, plus wrong attempts: what PMD's memory holds once the policy has found each family's plan."""
+    rng = random.Random(c.seed)
+    mem = Memory(**memory_settings(c))
+    rolls, per_family = [], {}
+    for p in task.train:
+        per_family.setdefault(p.family, []).append(p)
+    for fam_problems in per_family.values():
+        for p in fam_problems[:3]:
+            for text in (task.solve(p), task.attempt(p, rng, p_right=0, p_slip=0)):
+                r, fb = task.verify(p, text)
+                rolls.append(Rollout(p, text, [], [], r, fb, task.strategy(p, text)))
+    mem.update(rolls)
+    row = dict(student=accuracy(model, task, task.heldout, [""] * len(task.heldout), device))
+    for lvl in LEVELS:
+        row[f"teacher+{lvl}"] = accuracy(model, task, task.heldout, [mem.render(p, (lvl,)) for p in task.heldout], device)
+    row["teacher+all"] = accuracy(model, task, task.heldout, [mem.render(p) for p in task.heldout], device)
+    return row
+
+
+def evaluate(model, teacher, task, memory, c, device):
+    model.eval()
+    levels = [l for l in c.memory_levels.split(",") if l]
+    out = dict(heldout_acc=accuracy(model, task, task.heldout, [""] * len(task.heldout), device),
+               teacher_acc=accuracy(teacher, task, task.heldout, [memory.render(p, levels) for p in task.heldout], device))
+    model.train()
+    return out
+
+
+# -----------------------------------------------------------------------------
+# warm-up (cached: every method and seed starts from the same weights)
+
+
+def warmup(c, task, device):
+    """The warm-up checkpoint for this config and task: loaded from cache_dir, or trained and cached."""
+    keys = ("plan_len", "n_ops", "input_len", "n_layer", "n_head", "n_embd", "block_size", "warmup_steps", "warmup_batch", "warmup_lr",
+            "warmup_seed", "mem_max_experiences", "mem_max_insights", "mem_min_agree", "mem_min_support", "mem_budget")
+    key = dict({k: getattr(c, k) for k in keys}, task=type(task).__name__)
+    tag = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    path = os.path.join(c.cache_dir, f"warmup-{tag}.pt")
+    torch.manual_seed(c.warmup_seed)  # before the model's init: torch's start-up seed differs from process to process
+    model = GPT(GPTConfig(c.block_size, c.n_layer, c.n_head, c.n_embd)).to(device)
+    if os.path.exists(path):
+        model.load_state_dict(load_checkpoint(path)["model"])
+        print(f"warm-up: loaded {path}")
+        return model
+    rng = random.Random(c.warmup_seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=c.warmup_lr, weight_decay=0.0)
+    settings = memory_settings(c)
+    bar = tqdm(range(c.warmup_steps), desc="warm-up", dynamic_ncols=True)
+    batches = []
+    for it in bar:
+        for g in opt.param_groups:  # linear ramp, then linear decay to zero
+            g["lr"] = c.warmup_lr * min(1.0, (it + 1) / 50) * (1 - it / c.warmup_steps)
+        if not batches:  # draw 8 batches at once and group them by length: half the padding, half the compute
+            pool = sorted((warmup_example(task, rng, settings) for _ in range(8 * c.warmup_batch)), key=lambda e: sum(map(len, e)))
+            batches = [pool[i : i + c.warmup_batch] for i in range(0, len(pool), c.warmup_batch)]
+            rng.shuffle(batches)
+        batch = batches.pop()
+        with autocast(device):
+            loss = sft_loss(model, batch, device)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    os.makedirs(c.cache_dir, exist_ok=True)
+    atomic_save(dict(model=model.state_dict(), config=vars(c)), path)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+
+def main(argv, task=None):
+    """Run from command-line style arguments. task: any object with the interface in verify.py's docstring
+    (default: the built-in HiddenProcedures made from the task settings)."""
+    c = parse_args(argv, {k: globals()[k] for k in CONFIG_KEYS})
+    device = pick_device(c)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    master = rank == 0  # the one rank that evaluates, writes files and prints
+    if c.prompts_per_step % world:
+        raise ValueError(f"prompts_per_step ({c.prompts_per_step}) must be divisible by the number of ranks ({world})")
+    try:
+        os.makedirs(c.out_dir, exist_ok=True)
+        probe = os.path.join(c.out_dir, f".write-test-{rank}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"out_dir {c.out_dir!r} is not writable ({e.strerror})") from None
+    task = task or make_task(c)
+    if c.prompts_per_step > len(task.train):
+        raise ValueError(f"prompts_per_step ({c.prompts_per_step}) exceeds the {len(task.train)} training problems")
+    need = max(len(encode(p.prompt)) for p in task.train + task.heldout) + task.max_completion + c.mem_budget
+    if need > c.block_size:
+        raise ValueError(f"block_size ({c.block_size}) is too small for memory budget + prompt + completion ({need} tokens)")
+    if world > 1:
+        if device.startswith("cuda"):
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(device)
+        # the long timeout covers rank 0 training the warm-up while the others wait at a barrier
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=1))
+        if not master:
+            sys.stdout = open(os.devnull, "w")
+    ckpt_path, mem_path, metrics_path = (os.path.join(c.out_dir, f) for f in ("ckpt.pt", "memory.json", "metrics.jsonl"))
+    t0 = time.time()
+
+    if c.init_from == "resume":
+        ckpt = load_checkpoint(ckpt_path, RESUME_KEYS)
+        model = GPT(GPTConfig(c.block_size, c.n_layer, c.n_head, c.n_embd)).to(device)
+        load_weights(model, ckpt["model"], ckpt_path)
+        memory = Memory.load(mem_path)
+        if memory.step != ckpt.get("memory_step", memory.step):  # a kill between the two renames in save()
+            raise ValueError(f"{mem_path} (memory step {memory.step}) does not belong to {ckpt_path} (memory step {ckpt['memory_step']})")
+        if ckpt.get("world_size", 1) != world:
+            raise ValueError(f"{ckpt_path} was written by {ckpt.get('world_size', 1)} rank(s); resume it with as many, not {world}")
+    else:
+        if not master:
+            dist.barrier()  # rank 0 trains (or loads) the warm-up checkpoint and caches it; then the others load it
+        model = warmup(c, task, device)
+        if world > 1 and master:
+            dist.barrier()
+        memory = Memory(**memory_settings(c))
+        model.eval()
+        row = headroom(model, task, c, device)
+        print("\nheadroom after warm-up (greedy accuracy on the RL families' held-out problems):")
+        print("  " + "  ".join(f"{k:>18}" for k in row))
+        print("  " + "  ".join(f"{v:>18.3f}" for v in row.values()))
+    teacher = make_teacher(model, c.teacher)
+    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.0)
+    rng = random.Random(c.seed)  # problem order and replay examples: the same on every rank
+    torch.manual_seed(c.seed)
+    gen = torch.Generator(device=device).manual_seed(c.seed + rank)  # sampling: each rank its own stream
+    start, rollouts = 0, 0
+    if c.init_from == "resume":
+        try:
+            opt.load_state_dict(ckpt["optimizer"])
+            if "teacher" in ckpt and c.teacher != "live":
+                load_weights(teacher, ckpt["teacher"], ckpt_path)
+            start, rollouts = ckpt["step"], ckpt["rollouts"]
+            rng.setstate(to_tuple(ckpt["py_rng"]))
+            torch.set_rng_state(ckpt["torch_rng"])
+            gen.set_state(ckpt["gen_rngs"][rank] if world > 1 else ckpt["gen_rng"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"checkpoint {ckpt_path} does not fit this run ({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
+        if master:  # drop evaluations logged after the checkpoint
+            with open(metrics_path + ".tmp", "w") as f:
+                f.writelines(read_metrics(metrics_path, start))
+            os.replace(metrics_path + ".tmp", metrics_path)
+    elif master:
+        open(metrics_path, "w").close()
+    student = torch.compile(model) if c.compile else model
+    settings = memory_settings(c)
+
+    def log(step_, extra):
+        if not master:  # evaluation runs on rank 0 only
+            return {}
+        rec = dict(step=step_, method=c.method, rollouts=rollouts, **evaluate(model, teacher, task, memory, c, device), **extra)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        return rec
+
+    def save(step_):
+        if world > 1:  # every rank's sampler state (for an exact resume), and a check that the ranks still agree
+            states = [None] * world
+            dist.all_gather_object(states, (fingerprint(model, teacher, memory, rng), gen.get_state()))
+            prints = [fp for fp, _ in states]
+            if any(fp != prints[0] for fp in prints):
+                raise ValueError(f"ranks disagree at step {step_}: {prints}")
+            if master:
+                tqdm.write(f"step {step_}: all {world} ranks agree: " + ", ".join(f"{k} {v}" for k, v in prints[0].items()))
+        if not master:
+            return
+        ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), config=vars(c), step=step_, rollouts=rollouts,
+                    py_rng=to_list(rng.getstate()), torch_rng=torch.get_rng_state(), gen_rng=gen.get_state(), memory_step=memory.step)
+        if teacher is not model:
+            ckpt["teacher"] = teacher.state_dict()
+        if world > 1:
+            ckpt.update(world_size=world, gen_rngs=[g for _, g in states])
+        # both files are complete on disk before either replaces its old version; resume checks they match
+        tmp = atomic_save(ckpt, ckpt_path, rename=False)
+        memory.save(mem_path)
+        os.replace(tmp, ckpt_path)
+
+    def gather(rolls):  # every rank's rollouts in rank order: the memory update is the same on every rank
+        parts = [None] * world
+        dist.all_gather_object(parts, rolls)
+        return [r for part in parts for r in part]
+
+    if start == 0:
+        first = log(0, {})
+        before = first.get("heldout_acc", 0.0)
+    else:
+        before = json.loads(open(metrics_path).readline())["heldout_acc"] if master else 0.0
+    bar = tqdm(range(start, c.steps), desc=c.method, dynamic_ncols=True, initial=start, total=c.steps, disable=not master)
+    stats, last = {}, {}
+    nonfinite, saved = 0, start if c.init_from == "resume" else None
+    for it in bar:
+        problems = rng.sample(task.train, c.prompts_per_step)
+        share = problems[rank * len(problems) // world : (rank + 1) * len(problems) // world]  # this rank's problems
+        with autocast(device):
+            loss, stats = pmd_step(student, teacher, task, memory, share, c, gen, device, gather=gather if world > 1 else None)
+            if c.replay:
+                loss = loss + sft_loss(student, [warmup_example(task, rng, settings, p_plain=0) for _ in range(c.replay)], device)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1:  # average the gradients over ranks (by hand: DDP expects one forward per backward, a step has several)
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+        finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(norm))
+        if world > 1:  # every rank skips together; the logged reward is the mean over ranks
+            flags = torch.tensor([stats["reward"], float(not finite)], device=device)
+            dist.all_reduce(flags)
+            stats["reward"], finite = flags[0].item() / world, flags[1].item() == 0
+        if finite:
+            nonfinite = 0
+            opt.step()
+            if c.teacher == "ema":
+                ema_update(teacher, model, c.ema_rate)
+        else:  # no optimizer step, no EMA update
+            nonfinite += 1
+            if master:
+                tqdm.write(f"warning: step {it + 1}: non-finite loss ({loss.item():.4g}) or gradient norm ({norm.item():.4g}); "
+                           f"update skipped ({nonfinite} in a row, max_nonfinite={c.max_nonfinite})")
+            if nonfinite >= c.max_nonfinite:
+                where = f"the last good checkpoint, {ckpt_path} (step {saved}), is intact" if saved is not None else "no checkpoint was written"
+                raise ValueError(f"{nonfinite} consecutive steps with a non-finite loss or gradient norm (steps {it + 2 - nonfinite}-{it + 1}); stopped, {where}")
+        rollouts += c.prompts_per_step * c.group_size
+        if (it + 1) % c.eval_interval == 0 or it + 1 == c.steps:
+            last = log(it + 1, dict(reward=stats["reward"]))
+            save(it + 1)
+            saved = it + 1
+        bar.set_postfix(reward=f"{stats['reward']:.2f}", heldout=f"{last.get('heldout_acc', before):.2f}", teacher=f"{last.get('teacher_acc', 0):.2f}")
+    if world > 1:
+        dist.destroy_process_group()
+    if not master:
+        return
+    after = json.loads(open(metrics_path).readlines()[-1])["heldout_acc"]
+    print(f"\nmemory-free held-out accuracy: before {before:.3f}  after {after:.3f}  ({c.method}, {c.steps} steps, "
+          f"{rollouts} rollouts, {time.time() - t0:.0f} s)")
+
+
+def to_list(x):
+    return [to_list(v) for v in x] if isinstance(x, tuple) else x
+
+
+def to_tuple(x):
+    return tuple(to_tuple(v) for v in x) if isinstance(x, list) else x
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except ValueError as e:
+        sys.exit(f"error: {e}")
