@@ -95,12 +95,10 @@ class Memory:
                 side.remove(problem.pid)
             side.append(problem.pid)
             del side[:-cap]
-            it["step"] = self.step
-            if it["agree"] and len(it["agree"]) == len(it["contradict"]):
-                del items[",".join(strategy)]  # retired: the evidence cancels out
+            it["step"] = self.step  # equal evidence retires it (net 0: never rendered, never confirmed) but keeps its evidence
         for items in self.insight.values():
-            while len(items) > self.settings["max_insights"]:
-                weakest = min(items, key=lambda s: (abs(net(items[s])), items[s]["step"]))
+            while len(items) > self.settings["max_insights"]:  # lessons go before strategies, weakest evidence first
+                weakest = min(items, key=lambda s: (net(items[s]) > 0, abs(net(items[s])), items[s]["step"]))
                 del items[weakest]
 
     def confirmed(self, family):
@@ -143,7 +141,9 @@ class Memory:
             by_level["experience"] = [f"={e['text']} {e['reward']}" + ("" if e["reward"] else f" {e['feedback']}") for e in exps[:n_exp]]
         if "insight" in levels:
             items = self.insight.get(problem.family, {})
-            ranked = sorted(items, key=lambda s: (net(items[s]) < 0, -abs(net(items[s])), -items[s]["step"]))
+            # lessons only while no strategy has passed: then they are all there is, later they are noise to echo
+            shown = [s for s in items if net(items[s]) > 0] or [s for s in items if net(items[s]) < 0]
+            ranked = sorted(shown, key=lambda s: (-abs(net(items[s])), -items[s]["step"]))
             by_level["insight"] = [insight_line(problem.family, s, net(items[s])) for s in ranked[:n_ins]]
         if "pattern" in levels:
             pats = self.pattern.get(problem.group, {})
@@ -180,11 +180,30 @@ class Memory:
             mem = cls(**d["settings"])
             mem.step, mem.groups, mem.touched = int(d["step"]), dict(d["groups"]), dict(d["touched"])
             mem.experience, mem.insight, mem.pattern = dict(d["experience"]), dict(d["insight"]), dict(d["pattern"])
+            check_state(mem)
         except FileNotFoundError:
             raise ValueError(f"memory file {path} not found") from None
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise ValueError(f"memory file {path} is corrupt or not a memory file ({type(e).__name__}: {str(e)[:80]})") from None
         return mem
+
+
+def check_state(mem):
+    """Raise TypeError unless a loaded memory has the shapes that update() and render() rely on."""
+    is_int, is_list = lambda x: isinstance(x, int), lambda x: isinstance(x, list)
+    is_strs = lambda x: is_list(x) and all(isinstance(v, str) for v in x)
+    ok = (all(map(is_int, (v for k, v in mem.settings.items() if k != "lines"))) and len(mem.settings["lines"]) == 3
+          and all(map(is_int, mem.settings["lines"])) and all(map(is_int, mem.touched.values()))
+          and all(isinstance(g, str) for g in mem.groups.values())
+          and all(is_list(es) and all(isinstance(e, dict) and isinstance(e.get("text"), str) and isinstance(e.get("feedback"), str)
+                                      and is_int(e.get("reward")) and is_int(e.get("step")) and "pid" in e for e in es)
+                  for es in mem.experience.values())
+          and all(isinstance(its, dict) and all(isinstance(it, dict) and is_strs(it.get("agree")) and is_strs(it.get("contradict"))
+                                                 and is_int(it.get("step")) for it in its.values()) for its in mem.insight.values())
+          and all(isinstance(ps, dict) and all(isinstance(p, dict) and is_strs(p.get("support")) and is_strs(p.get("against"))
+                                                for p in ps.values()) for ps in mem.pattern.values()))
+    if not ok:
+        raise TypeError("its levels or settings do not have the expected structure")
 
 
 def net(item):
@@ -192,7 +211,8 @@ def net(item):
 
 
 def insight_line(family, strategy, n):
-    return f"#{family} ok {strategy} {n}" if n > 0 else f"#{family} bad {strategy} {-n}"
+    """The count is capped at 9: one token, and never beyond the range the warm-up showed the model."""
+    return f"#{family} ok {strategy} {min(n, 9)}" if n > 0 else f"#{family} bad {strategy} {min(-n, 9)}"
 
 
 def describe(mem):
@@ -206,7 +226,7 @@ def describe(mem):
         for fam in sorted(f for f in mem.groups if mem.groups[f] == g):
             out.append(f"  family {fam}")
             for s, it in sorted(mem.insight.get(fam, {}).items(), key=lambda kv: -net(kv[1])):
-                kind = "strategy" if net(it) > 0 else "lesson  "
+                kind = "strategy" if net(it) > 0 else "lesson  " if net(it) < 0 else "retired "
                 out.append(f"    {kind} {s:<16} passed on {len(it['agree'])} inputs, failed on {len(it['contradict'])}")
             for e in mem.experience.get(fam, []):
                 out.append(f"    trace    {e['text']}  -> {e['reward']} {e['feedback']}")

@@ -170,7 +170,7 @@ def step(model, teacher, task, memory, problems, cfg, generator, device, memory_
     mask = (targets >= 0).float()
     rewards = torch.tensor([float(r.reward) for r in rolls], device=device)
     stats = dict(reward=rewards.mean().item(), length=mask.sum(1).mean().item())
-    loss = torch.zeros((), device=device)
+    loss = 0.0 * s_logits.sum()  # a graph even when every rollout is masked out
     if cfg.method == "grpo" or cfg.pg_weight > 0:
         adv = grpo_advantages(rewards, cfg.group_size, cfg.adv_std)
         loss = loss + (1.0 if cfg.method == "grpo" else cfg.pg_weight) * pg_loss(token_logprobs(s_logits, targets), adv, mask)
@@ -213,10 +213,11 @@ def warmup_example(task, rng, memory_settings, p_plain=0.3):
         return "", target.prompt, task.solve(target)
     mem = Memory(**memory_settings)
     seen = rng.sample(probs, rng.randint(1, len(probs)))
+    p_right = rng.choice((0.0, 0.2, 0.5))  # a third of the memories hold failures only, as in RL before discovery
     rolls = []
     for p in seen:
-        for _ in range(rng.randint(1, 3)):
-            text = task.attempt(p, rng)
+        for _ in range(rng.randint(1, 4)):
+            text = task.attempt(p, rng, p_right)
             reward, feedback = task.verify(p, text)
             rolls.append(Rollout(p, text, [], [], reward, feedback, task.strategy(p, text)))
     mem.update(rolls)

@@ -140,6 +140,13 @@ def check_config(c):
     for k in ("steps", "prompts_per_step", "group_size", "eval_interval", "warmup_batch", "max_nonfinite"):
         if c[k] < 1:
             raise ValueError(f"{k} must be >= 1, got {c[k]}")
+    if not 0 <= c["topk"] <= 256:
+        raise ValueError(f"topk must be in [0, 256] (the vocabulary), got {c['topk']}")
+    for k in ("is_clip", "temperature"):
+        if c[k] < 0:
+            raise ValueError(f"{k} must be >= 0, got {c[k]}")
+    if not 0 <= c["ema_rate"] <= 1:
+        raise ValueError(f"ema_rate must be in [0, 1], got {c['ema_rate']}")
     if c["replay"] < 0:
         raise ValueError(f"replay must be >= 0, got {c['replay']}")
 
@@ -254,7 +261,7 @@ def headroom(model, task, c, device):
         per_family.setdefault(p.family, []).append(p)
     for fam_problems in per_family.values():
         for p in fam_problems[:3]:
-            for text in (task.solve(p), task.attempt(p, rng, p_right=0, p_slip=0)):
+            for text in (task.solve(p), task.attempt(p, rng, 0.0)):
                 r, fb = task.verify(p, text)
                 rolls.append(Rollout(p, text, [], [], r, fb, task.strategy(p, text)))
     mem.update(rolls)
@@ -282,7 +289,9 @@ def warmup(c, task, device):
     """The warm-up checkpoint for this config and task: loaded from cache_dir, or trained and cached."""
     keys = ("plan_len", "n_ops", "input_len", "n_layer", "n_head", "n_embd", "block_size", "warmup_steps", "warmup_batch", "warmup_lr",
             "warmup_seed", "mem_max_experiences", "mem_max_insights", "mem_min_agree", "mem_min_support", "mem_budget")
-    key = dict({k: getattr(c, k) for k in keys}, task=type(task).__name__)
+    problems = [p.pid for p in task.train + task.heldout]  # a task's settings show in its problems
+    key = dict({k: getattr(c, k) for k in keys}, task=type(task).__name__, max_completion=task.max_completion,
+               problems=hashlib.sha1(json.dumps(problems).encode()).hexdigest())
     tag = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     path = os.path.join(c.cache_dir, f"warmup-{tag}.pt")
     torch.manual_seed(c.warmup_seed)  # before the model's init: torch's start-up seed differs from process to process

@@ -15,7 +15,7 @@ The task interface the loop and the memory use (replace this class to plug in yo
     task.max_completion               tokens a completion may take
     task.warmup_group(rng)            problems of a fresh group, never used in RL (for warm-up)
     task.solve(problem)               the reference completion
-    task.attempt(problem, rng)        a plausible attempt, right or wrong (for warm-up memories)
+    task.attempt(problem, rng, p_right)  a plausible attempt, right with probability p_right (for warm-up memories)
 """
 import itertools
 import random
@@ -135,7 +135,7 @@ class HiddenProcedures:
 
     # -- warm-up ----------------------------------------------------------------------------------
 
-    def warmup_group(self, rng, n_families=4, n_inputs=4):
+    def warmup_group(self, rng, n_families=4, n_inputs=6):
         """Problems of a fresh group: a random letter and first op, random plans, and ids that are never
         an RL family's (so warm-up teaches every id character but no RL family's plan)."""
         g, first = rng.choice(GROUPS), rng.choice(self.ops)

@@ -1,0 +1,53 @@
+"""Shared set-up: the repository on sys.path, one torch thread (a 2-core CPU runs tiny models far faster
+single-threaded), and small factories for problems and rollouts."""
+import contextlib
+import io
+import os
+import sys
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+for p in (REPO, TESTS):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+torch.set_num_threads(1)
+
+from pmd import Rollout  # noqa: E402
+from verify import Problem  # noqa: E402
+
+
+def subprocess_env():
+    """Environment for child Pythons: one thread, no distributed variables."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return dict(env, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+
+
+def problem(family, s, group=None):
+    """A problem keyed like the built-in task's (the memory only reads the keys and the prompt)."""
+    return Problem(pid=f"{family}:{s}", family=family, group=group or family[0], prompt=f"{family}:{s}>", solution="-\n")
+
+
+def rollout(prob, reward, strategy, completion=None, feedback=None):
+    """A pmd.Rollout with the fields Memory.update reads."""
+    completion = completion if completion is not None else (",".join(strategy or ("x",)) + f"|{prob.pid}|{reward}\n")
+    feedback = feedback if feedback is not None else ("ok" if reward else "wrong plan")
+    return Rollout(prob, completion, [], [], reward, feedback, strategy)
+
+
+
+# a tiny end-to-end configuration: a 1-layer model, 3 warm-up steps, 3 RL steps of 2 problems x 2 samples
+PPS, GS, STEPS = 2, 2, 3
+TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--warmup_steps=3", "--warmup_batch=8", f"--steps={STEPS}",
+        f"--prompts_per_step={PPS}", f"--group_size={GS}", "--eval_interval=2", "--replay=2", "--n_train=4", "--n_heldout=2",
+        "--device=cpu"]
+
+
+def quiet(fn, *args, **kwargs):
+    """Call fn and return (its result, what it printed); stderr (tqdm's bars) is swallowed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        result = fn(*args, **kwargs)
+    return result, out.getvalue()

@@ -1,0 +1,107 @@
+"""torchrun with 2 CPU ranks (gloo): the ranks hold identical weights and memory at every checkpoint, the check
+catches ranks that drift apart, the memory sees every rank's rollouts, and a resumed run is exact."""
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import train  # noqa: E402
+from memory import Memory  # noqa: E402
+
+ARGS = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--warmup_steps=3", "--warmup_batch=8", "--prompts_per_step=2",
+        "--group_size=2", "--replay=2", "--n_train=4", "--n_heldout=2", "--device=cpu", "--eval_interval=1"]
+
+# rank 1 feeds its memory the merged rollouts in reverse order: its memory drifts from rank 0's
+DRIFT = f"""
+import os, sys
+sys.path.insert(0, {REPO!r})
+import train
+if os.environ["RANK"] == "1":
+    real = train.pmd_step
+    def step(*a, gather=None, **k):
+        return real(*a, gather=lambda rolls: gather(rolls)[::-1], **k)
+    train.pmd_step = step
+try:
+    train.main(sys.argv[1:])
+except ValueError as e:
+    sys.exit(f"error: {{e}}")
+"""
+
+
+def torchrun(args, script="train.py"):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHASHSEED", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"  # each rank gets its own str-hash seed: nothing may depend on it
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+
+
+def dirs(out, cache):
+    return [f"--out_dir={out}", f"--cache_dir={cache}"]
+
+
+@pytest.fixture(scope="module")
+def run3(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    out, cache = root / "out", root / "cache"
+    p = torchrun(ARGS + ["--steps=3"] + dirs(out, cache))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p, out, cache
+
+
+def test_two_ranks_agree_at_every_checkpoint(run3):
+    p, out, _ = run3
+    assert "Traceback" not in p.stderr
+    agree = [l for l in p.stdout.splitlines() if "ranks agree" in l]
+    assert [l.split(":")[0] for l in agree] == ["step 1", "step 2", "step 3"] and all("all 2 ranks" in l for l in agree)
+    assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == [0, 1, 2, 3]  # rank 0 alone writes
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3 and ckpt["world_size"] == 2 and not torch.equal(*ckpt["gen_rngs"])  # own sampler per rank
+    mem = Memory.load(str(out / "memory.json"))
+    printed = dict(kv.split() for kv in agree[-1].rsplit(": ", 1)[1].split(", "))
+    assert hashlib.sha1(json.dumps(mem.state()).encode()).hexdigest()[:12] == printed["memory"]
+    # the memory holds both ranks' rollouts: step 1's problems are the first draw of the shared problem RNG
+    c = train.parse_args(ARGS, {k: getattr(train, k) for k in train.CONFIG_KEYS})
+    first = random.Random(c.seed).sample(train.make_task(c).train, c.prompts_per_step)  # rank 0 takes [0], rank 1 [1]
+    pids = {e["pid"] for es in mem.experience.values() for e in es}
+    assert mem.step == 3 and {q.pid for q in first} <= pids
+
+
+def test_ranks_that_drift_apart_stop_the_run(run3, tmp_path):
+    script = tmp_path / "drift.py"
+    script.write_text(DRIFT)
+    p = torchrun(ARGS + ["--steps=1"] + dirs(tmp_path / "out", run3[2]), script=str(script))
+    assert p.returncode != 0 and "error: ranks disagree at step 1" in p.stderr
+    assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
+
+
+def test_resume_under_torchrun_matches_uninterrupted(run3, tmp_path):
+    _, ref, cache = run3
+    out = tmp_path / "out"
+    for extra in (["--steps=2"], ["--steps=3", "--init_from=resume"]):
+        p = torchrun(ARGS + extra + dirs(out, cache))
+        assert p.returncode == 0, p.stderr[-3000:]
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (ref, out))
+    for key in ("model", "teacher"):
+        assert all(torch.equal(a[key][n], b[key][n]) for n in a[key])
+    assert all(torch.equal(x, y) for x, y in zip(a["gen_rngs"], b["gen_rngs"])) and a["py_rng"] == b["py_rng"]
+    for f in ("memory.json", "metrics.jsonl"):
+        assert open(ref / f).read() == open(out / f).read(), f
+
+
+def test_rank_count_errors(run3, tmp_path, monkeypatch):
+    d = tmp_path / "out"
+    shutil.copytree(run3[1], d)
+    with pytest.raises(ValueError, match=r"written by 2 rank\(s\); resume it with as many, not 1"):
+        train.main(ARGS + ["--steps=4", "--init_from=resume"] + dirs(d, run3[2]))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"prompts_per_step \(3\) must be divisible by the number of ranks \(2\)"):
+        train.main(ARGS + ["--prompts_per_step=3"] + dirs(d, run3[2]))

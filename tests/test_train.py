@@ -1,0 +1,135 @@
+"""End to end: train.main with a tiny config for each method (files, metrics, the shared warm-up cache), and the
+one-line errors of `python train.py` on bad settings."""
+import glob
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from conftest import GS, PPS, REPO, STEPS, TINY, quiet, subprocess_env
+from memory import Memory
+from model import GPT, GPTConfig
+
+METHODS = ("grpo", "sdpo", "pmd")
+DEFAULTS = {k: getattr(train, k) for k in train.CONFIG_KEYS}
+
+
+def digest(path):
+    return hashlib.sha1(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The three methods, one after the other, sharing one warm-up cache."""
+    root = tmp_path_factory.mktemp("e2e")
+    cache = root / "cache"
+    res = {}
+    for m in METHODS:
+        out = root / m
+        _, printed = quiet(train.main, TINY + [f"--method={m}", f"--out_dir={out}", f"--cache_dir={cache}"])
+        files = sorted(glob.glob(str(cache / "*")))
+        res[m] = dict(out=out, printed=printed, cache=files, cache_state=[(f, os.stat(f).st_mtime_ns, digest(f)) for f in files])
+    return res
+
+
+def metrics(run):
+    return [json.loads(line) for line in open(run["out"] / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_checkpoint_loads_weights_only(runs, method):
+    """ckpt.pt loads with weights_only=True, is at the last step, and its weights fit the configured model."""
+    ckpt = torch.load(runs[method]["out"] / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == STEPS and ckpt["rollouts"] == STEPS * PPS * GS and ckpt["config"]["method"] == method
+    GPT(GPTConfig(256, 1, 2, 32)).load_state_dict(ckpt["model"])
+    assert "teacher" in ckpt  # the default teacher is an EMA copy, saved for resuming
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_memory_file_loads(runs, method):
+    """memory.json loads with Memory.load and holds one update per step (every method keeps a memory)."""
+    mem = Memory.load(str(runs[method]["out"] / "memory.json"))
+    assert mem.step == STEPS
+    assert 1 <= sum(map(len, mem.experience.values())) <= STEPS * PPS * GS
+    assert set(mem.groups.values()) <= set("ABC")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_metrics_records(runs, method):
+    """metrics.jsonl starts at step 0 with 0 rollouts, then logs every eval_interval and the last step, cumulatively."""
+    recs = metrics(runs[method])
+    assert [r["step"] for r in recs] == [0, 2, 3]
+    for r in recs:
+        assert {"step", "method", "rollouts", "heldout_acc", "teacher_acc"} <= set(r) and r["method"] == method
+        assert r["rollouts"] == r["step"] * PPS * GS and 0 <= r["heldout_acc"] <= 1 and 0 <= r["teacher_acc"] <= 1
+    assert all(a["rollouts"] < b["rollouts"] for a, b in zip(recs, recs[1:]))
+    assert "reward" not in recs[0] and all(0 <= r["reward"] <= 1 for r in recs[1:])
+
+
+def test_methods_start_from_the_same_weights(runs):
+    """The step-0 evaluation (before any RL update) is identical for every method: same warm-up, same memory-free start."""
+    firsts = [metrics(runs[m])[0] for m in METHODS]
+    assert len({(f["heldout_acc"], f["teacher_acc"]) for f in firsts}) == 1
+
+
+def test_warmup_cache_is_reused_by_other_methods(runs):
+    """The first run writes one warm-up file; the later methods load that same file and train no warm-up."""
+    first, later = runs[METHODS[0]], [runs[m] for m in METHODS[1:]]
+    assert len(first["cache"]) == 1 and "warm-up: loaded" not in first["printed"]
+    for run in later:
+        assert run["cache_state"] == first["cache_state"]  # same file, same mtime, same bytes
+        assert f"warm-up: loaded {first['cache'][0]}" in run["printed"]
+
+
+def _train_cli(*args):
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+CLI_ERRORS = {
+    "unknown key": (["--bogus_key=1"], "bogus_key"),
+    "int expected": (["--steps=abc"], "steps"),
+    "bool expected": (["--adv_std=maybe"], "adv_std"),
+}
+
+
+def test_cli_config_errors_are_one_line(tmp_path):
+    """Bad settings make `python train.py` exit non-zero with one 'error: ...' line naming the key, no traceback."""
+    procs = {name: _train_cli(*args, f"--out_dir={tmp_path / 'out'}", f"--cache_dir={tmp_path / 'cache'}")
+             for name, (args, _) in CLI_ERRORS.items()}
+    for name, p in procs.items():
+        stdout, stderr = p.communicate(timeout=120)
+        err = stderr.strip().splitlines()
+        key = CLI_ERRORS[name][1]
+        assert p.returncode != 0 and len(err) == 1 and err[0].startswith("error: ") and key in err[0], (name, stderr[-400:])
+        assert "Traceback" not in stderr
+    assert not os.path.exists(tmp_path / "cache")  # refused before any work
+
+
+@pytest.mark.parametrize("arg", ["--lr=fast", "--steps=1.5", "--method=ppo", "--teacher=old", "--memory_levels=insight,foo",
+                                 "--alpha=2", "--steps=0", "--n_embd=30", "--replay=-1", "stray"])
+def test_bad_settings_raise_value_error(arg):
+    """parse_args refuses wrongly typed, unknown-choice and out-of-range values with a ValueError naming the key."""
+    with pytest.raises(ValueError, match=arg.lstrip("-").split("=")[0]):
+        train.parse_args([arg], DEFAULTS)
+
+
+@pytest.mark.parametrize("arg", ["--topk=-1", "--topk=257", "--is_clip=-1", "--temperature=-0.5", "--ema_rate=1.5"])
+def test_out_of_range_settings_are_refused(arg):
+    """Values that would crash mid-run or silently invert the update are refused up front with a ValueError naming the key."""
+    # topk outside [0, 256] crashes in topk_with_tail after the warm-up; is_clip < 0 flips the distillation loss's sign;
+    # temperature < 0 samples the least likely tokens; ema_rate outside [0, 1] extrapolates the teacher
+    key = arg[2:].split("=")[0]
+    with pytest.raises(ValueError, match=key):
+        train.parse_args([arg], DEFAULTS)
+
+
+def test_valid_overrides_are_typed():
+    """--key=value is converted to the default's type."""
+    c = train.parse_args(["--steps=7", "--lr=0.5", "--adv_std=true", "--method=sdpo", "--topk=8"], DEFAULTS)
+    assert (c.steps, c.lr, c.adv_std, c.method, c.topk) == (7, 0.5, True, "sdpo", 8)
