@@ -99,10 +99,9 @@ def parse_args(argv, defaults):
     """--key=value overrides, typed by the default; a clear one-line error for anything else."""
     cfg = dict(defaults)
     for arg in argv:
-        if arg in ("-h", "--help"):
-            print(__doc__)
-            for k, v in defaults.items():
-                print(f"  --{k}={v}")
+        if arg in ("-h", "--help"):  # the docstring, then the config block itself: every key, default and comment
+            block = open(__file__).read().split("# config:", 1)[1].split("# ------", 1)[0]
+            print(__doc__ + "\nSettings (override as --key=value):\n# config:" + block)
             sys.exit(0)
         if not arg.startswith("--") or "=" not in arg:
             raise ValueError(f"argument {arg!r}: expected --key=value")
