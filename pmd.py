@@ -156,14 +156,13 @@ def distill_loss(s_logits, t_logits, targets, mask, alpha=0.5, topk=0, sampled_t
 # one training step
 
 
-def step(model, teacher, task, memory, problems, cfg, generator, device, memory_source=None, gather=None):
+def step(model, teacher, task, memory, problems, cfg, generator, device, gather=None):
     """Rollout, reflect, teacher, distill for one batch of problems. Returns (loss, stats) with the loss
-    ready for backward. memory_source: a different model whose rollouts feed the memory (frozen policy).
-    gather: maps this rank's rollouts to every rank's, merged in rank order, for the memory update (distributed)."""
+    ready for backward. gather: maps this rank's rollouts to every rank's, merged in rank order, for the
+    memory update (distributed)."""
     rolls = rollout(model, task, problems, cfg.group_size, cfg.temperature, generator)
     if cfg.update_memory:  # every method keeps a memory (so teacher_acc is comparable); only PMD's teacher reads it
-        feed = rolls if memory_source is None else rollout(memory_source, task, problems, cfg.group_size, cfg.temperature, generator)
-        memory.update(feed if gather is None else gather(feed))
+        memory.update(rolls if gather is None else gather(rolls))
     contexts = teacher_contexts(cfg.method, rolls, cfg.group_size, memory, [l for l in cfg.memory_levels.split(",") if l])
     prompts = [encode(r.problem.prompt) for r in rolls]
     s_logits, targets = completion_logits(model, prompts, [r.tokens for r in rolls], device)  # (N, L, V), (N, L)
