@@ -7,7 +7,6 @@ A small GPT (rotary positions, tied head) plus what PMD needs around it:
 - `completion_logits`: the logits a model gives to known completion tokens after a given prefix.
   The student (prefix = prompt) and the teacher (prefix = memory context + prompt) both use it.
 """
-import math
 from dataclasses import dataclass
 
 import tiktoken

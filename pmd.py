@@ -12,7 +12,6 @@ One step, for every method (only what the teacher is shown differs):
 The student never sees a context, so the trained model needs no memory at inference.
 """
 import copy
-import random
 from dataclasses import dataclass
 
 import torch
@@ -59,8 +58,9 @@ def teacher_contexts(method, rollouts, G, memory=None, levels=LEVELS):
     """The context text the teacher reads before each rollout's prompt; None masks the rollout out."""
     if method == "grpo":
         return [None] * len(rollouts)
-    if method == "pmd":
-        return [memory.render(r.problem, levels) or None for r in rollouts]
+    if method == "pmd":  # one render per problem: the G samples of its group share it
+        rendered = {r.problem.pid: memory.render(r.problem, levels) or None for r in rollouts[::G]}
+        return [rendered[r.problem.pid] for r in rollouts]
     contexts = []  # sdpo: the first successful sibling (never the sample itself) and the sample's own feedback
     for i, r in enumerate(rollouts):
         group = rollouts[i - i % G : i - i % G + G]
