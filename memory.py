@@ -36,7 +36,10 @@ SETTINGS = dict(  # defaults; train.py's config is the source of truth for a run
 
 def clean(text, n=48):
     """One printable line of at most n characters (completions can be any bytes)."""
-    return "".join(c if " " <= c <= "~" else "?" for c in text.rstrip("\n"))[:n]
+    text = text.rstrip("\n")[:n]
+    if text.isascii() and text.isprintable():  # the common case, without a loop over characters
+        return text
+    return "".join(c if " " <= c <= "~" else "?" for c in text)
 
 
 def experience_line(prompt, completion, reward, feedback):
@@ -54,7 +57,8 @@ class Memory:
         self.step = 0
         self.experience, self.insight, self.pattern = {}, {}, {}
         self.groups = {}  # family -> group
-        self.touched = {}  # family -> last step it was updated (for eviction)
+        self.touched = {}  # family -> last step it was updated, least recently updated first (for eviction)
+        self.members = {}  # group -> its families: derived from groups, so that no update scans every family
 
     # -- update: add experiences, reflect them into insights, consolidate patterns ----------------
 
@@ -69,7 +73,11 @@ class Memory:
 
     def add(self, problem, completion, reward, feedback):
         fam = problem.family
-        self.groups[fam], self.touched[fam] = problem.group, self.step
+        if fam not in self.groups:
+            self.members.setdefault(problem.group, []).append(fam)
+        self.groups[fam] = problem.group
+        self.touched.pop(fam, None)  # re-insert: the dict stays in least-recently-updated order
+        self.touched[fam] = self.step
         exps = self.experience.setdefault(fam, [])
         text = clean(problem.prompt + completion, 10**6)
         for e in exps:
@@ -96,7 +104,7 @@ class Memory:
             side.append(problem.pid)
             del side[:-cap]
             it["step"] = self.step  # equal evidence retires it (net 0: never rendered, never confirmed) but keeps its evidence
-        for items in self.insight.values():
+        for items in {id(self.insight[r.problem.family]): self.insight[r.problem.family] for r in rollouts if r.strategy}.values():
             while len(items) > self.settings["max_insights"]:  # lessons go before strategies, weakest evidence first
                 weakest = min(items, key=lambda s: (net(items[s]) > 0, abs(net(items[s])), items[s]["step"]))
                 del items[weakest]
@@ -110,7 +118,7 @@ class Memory:
     def consolidate(self, groups):
         """Recompute each group's patterns from its families' confirmed strategies."""
         for g in sorted(groups):  # sorted: a set's order varies per process, and it orders the pattern dict
-            plans = {f: self.confirmed(f).split(",") for f in self.groups if self.groups[f] == g and self.confirmed(f)}
+            plans = {f: self.confirmed(f).split(",") for f in self.members.get(g, []) if self.confirmed(f)}
             feats = {}
             for f, plan in plans.items():
                 for i, step in enumerate(plan, 1):
@@ -124,7 +132,8 @@ class Memory:
 
     def evict(self):
         while len(self.touched) > self.settings["max_families"]:
-            fam = min(self.touched, key=self.touched.get)
+            fam = next(iter(self.touched))  # the least recently updated
+            self.members[self.groups[fam]].remove(fam)
             for d in (self.experience, self.insight, self.touched, self.groups):
                 d.pop(fam, None)
 
@@ -181,6 +190,8 @@ class Memory:
             mem.step, mem.groups, mem.touched = int(d["step"]), dict(d["groups"]), dict(d["touched"])
             mem.experience, mem.insight, mem.pattern = dict(d["experience"]), dict(d["insight"]), dict(d["pattern"])
             check_state(mem)
+            for fam, g in mem.groups.items():
+                mem.members.setdefault(g, []).append(fam)
         except FileNotFoundError:
             raise ValueError(f"memory file {path} not found") from None
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
@@ -194,7 +205,8 @@ def check_state(mem):
     is_strs = lambda x: is_list(x) and all(isinstance(v, str) for v in x)
     ok = (all(map(is_int, (v for k, v in mem.settings.items() if k != "lines"))) and len(mem.settings["lines"]) == 3
           and all(map(is_int, mem.settings["lines"])) and all(map(is_int, mem.touched.values()))
-          and all(isinstance(g, str) for g in mem.groups.values())
+          and all(isinstance(g, str) for g in mem.groups.values()) and set(mem.touched) == set(mem.groups)
+          and set(mem.experience) <= set(mem.groups) and set(mem.insight) <= set(mem.groups)
           and all(is_list(es) and all(isinstance(e, dict) and isinstance(e.get("text"), str) and isinstance(e.get("feedback"), str)
                                       and is_int(e.get("reward")) and is_int(e.get("step")) and "pid" in e for e in es)
                   for es in mem.experience.values())

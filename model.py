@@ -48,12 +48,16 @@ class GPTConfig:
     n_embd: int = 128
 
 
-def rotary(x, pos):
-    """x: (B, nh, T, hs), pos: (B, T) integer positions -> x rotated by its positions."""
-    hs = x.size(-1)
-    freqs = 1.0 / (10000 ** (torch.arange(0, hs, 2, device=x.device, dtype=torch.float32) / hs))
-    ang = pos[:, None, :, None].float() * freqs  # (B, 1, T, hs/2)
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+def rotary_angles(pos, hs):
+    """pos (B, T) integer positions -> (cos, sin), each (B, 1, T, hs/2): computed once per forward, shared by every layer."""
+    freqs = 1.0 / (10000 ** (torch.arange(0, hs, 2, device=pos.device, dtype=torch.float32) / hs))
+    ang = pos[:, None, :, None].float() * freqs
+    return ang.cos(), ang.sin()
+
+
+def rotary(x, cos, sin):
+    """x: (B, nh, T, hs) rotated pairwise by its positions' angles."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
 
@@ -65,11 +69,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
-    def forward(self, x, pos, mask, cache):
+    def forward(self, x, rot, mask, cache):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        q, k = rotary(q, pos), rotary(k, pos)
+        q, k = rotary(q, *rot), rotary(k, *rot)
         if cache is not None:  # decoding: append this step's keys and values, attend to all so far
             k, v = cache.update(k, v)
         if mask is None:  # training / scoring: right-padded rows, plain causal attention
@@ -86,8 +90,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(), nn.Linear(4 * cfg.n_embd, cfg.n_embd))
 
-    def forward(self, x, pos, mask, cache):
-        x = x + self.attn(self.ln1(x), pos, mask, cache)
+    def forward(self, x, rot, mask, cache):
+        x = x + self.attn(self.ln1(x), rot, mask, cache)
         return x + self.mlp(self.ln2(x))
 
 
@@ -106,14 +110,20 @@ class GPT(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, idx, pos=None, mask=None, caches=None):
-        """idx: (B, T) tokens -> logits (B, T, V). pos defaults to 0..T-1 (right-padded rows)."""
+    def forward(self, idx, pos=None, mask=None, caches=None, head=True):
+        """idx: (B, T) tokens -> logits (B, T, V), or the final hidden states (B, T, C) with head=False.
+        pos defaults to 0..T-1 (right-padded rows)."""
         if pos is None:
             pos = torch.arange(idx.size(1), device=idx.device).expand_as(idx)
+        rot = rotary_angles(pos, self.cfg.n_embd // self.cfg.n_head)
         x = self.wte(idx)  # (B, T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, pos, mask, None if caches is None else caches[i])
-        return self.ln_f(x) @ self.wte.weight.t()  # tied head
+            x = block(x, rot, mask, None if caches is None else caches[i])
+        x = self.ln_f(x)
+        return self.head(x) if head else x
+
+    def head(self, x):
+        return x @ self.wte.weight.t()  # tied: (..., C) -> (..., V)
 
 
 # -----------------------------------------------------------------------------
@@ -137,11 +147,12 @@ def completion_logits(model, prefixes, completions, device):
     completion are -1 (the ignore index), so one mask serves every loss.
     """
     seqs = [p + c for p, c in zip(prefixes, completions)]
-    logits = model(pad_batch(seqs, device))  # (B, T, V)
+    h = model(pad_batch(seqs, device), head=False)  # (B, T, C)
     L = max(len(c) for c in completions)
     start = torch.tensor([len(p) - 1 for p in prefixes], device=device)  # position predicting completion[0]
-    idx = (start[:, None] + torch.arange(L, device=device)).clamp(max=logits.size(1) - 1)  # (B, L)
-    out = logits.gather(1, idx[:, :, None].expand(-1, -1, logits.size(-1)))  # (B, L, V)
+    idx = (start[:, None] + torch.arange(L, device=device)).clamp(max=h.size(1) - 1)  # (B, L)
+    # the head only where a completion token is predicted: the prefix (a memory context) needs no logits
+    out = model.head(h.gather(1, idx[:, :, None].expand(-1, -1, h.size(-1))))  # (B, L, V)
     targets = torch.full((len(seqs), L), -1, dtype=torch.long)
     for i, c in enumerate(completions):
         targets[i, : len(c)] = torch.tensor(c, dtype=torch.long)
@@ -167,10 +178,9 @@ class KVCache:
         self.t += T
         return self.k[:, :, : self.t], self.v[:, :, : self.t]
 
-    def repeat(self, n):
-        """Replicate each row n times (prefill once, then sample the group)."""
-        self.k = self.k.repeat_interleave(n, 0)
-        self.v = self.v.repeat_interleave(n, 0)
+    def select(self, rows):
+        """Keep the given rows, repeats allowed: a prefix computed once serves every row that shares it."""
+        self.k, self.v = self.k[rows], self.v[rows]
 
 
 def left_pad(prompts, device):
@@ -212,35 +222,63 @@ def generate(model, prompts, n_samples, max_new_tokens, temperature=1.0, generat
     assert T_max <= cfg.block_size, f"prompt ({Tp}) + max_new_tokens ({max_new_tokens}) exceeds block_size {cfg.block_size}"
     dtype = next(model.parameters()).dtype
     caches = [KVCache(B, cfg.n_head, T_max, cfg.n_embd // cfg.n_head, device, dtype) for _ in range(cfg.n_layer)] if use_cache else None
-    logits = model(idx, pos, attn_mask(valid, Tp), caches)[:, -1]  # prefill once per prompt: (B, V)
+    logits = model.head(model(idx, pos, attn_mask(valid, Tp), caches, head=False)[:, -1])  # prefill once per prompt: (B, V)
     # replicate every row for its group
     logits, idx, valid, pos = (t.repeat_interleave(n_samples, 0) for t in (logits, idx, valid, pos))
     if use_cache:
         for c in caches:
-            c.repeat(n_samples)
+            c.select(torch.arange(B, device=device).repeat_interleave(n_samples))
     N = B * n_samples
     out = torch.full((N, max_new_tokens), PAD, dtype=torch.long, device=device)
     out_logp = torch.zeros(N, max_new_tokens, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
+    # asking whether every row is done makes the host wait for the device: on a GPU ask every 8 tokens, not every token
+    check_every = 1 if device.type == "cpu" else 8
     for t in range(max_new_tokens):
-        if temperature == 0:
-            tok = logits.argmax(-1)
-        else:
-            probs = F.softmax(logits.float() / temperature, dim=-1)
-            tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        logp = F.log_softmax(logits.float() / max(temperature, 1e-6), -1)  # (N, V)
+        tok = logits.argmax(-1) if temperature == 0 else torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
         tok = torch.where(done, PAD, tok)
         out[:, t] = tok
-        out_logp[:, t] = F.log_softmax(logits.float() / max(temperature, 1e-6), -1).gather(1, tok[:, None]).squeeze(1)
+        out_logp[:, t] = logp.gather(1, tok[:, None]).squeeze(1)
         done = done | (tok == EOS)
-        if t == max_new_tokens - 1 or bool(done.all()):
+        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(done.all())):
             break
         next_pos = pos[:, -1:] + 1
         idx, pos = torch.cat([idx, tok[:, None]], 1), torch.cat([pos, next_pos], 1)
         valid = torch.cat([valid, torch.ones_like(done)[:, None]], 1)
-        if use_cache:
-            logits = model(tok[:, None], next_pos, attn_mask(valid, 1), caches)[:, -1]
+        if use_cache:  # one query, the newest position: it may see every valid key
+            h = model(tok[:, None], next_pos, valid[:, None, None, :], caches, head=False)
         else:
-            logits = model(idx, pos, attn_mask(valid, idx.size(1)), None)[:, -1]
+            h = model(idx, pos, attn_mask(valid, idx.size(1)), None, head=False)
+        logits = model.head(h[:, -1])  # (N, V)
     rows = out[:, : t + 1].tolist()
     comps = [r[: r.index(EOS) + 1] if EOS in r else r for r in rows]  # a row without EOS was cut at the limit
     return comps, [lp[: len(c)] for lp, c in zip(out_logp.tolist(), comps)]
+
+
+@torch.no_grad()
+def completion_logits_shared(model, prefixes, completions, device):
+    """completion_logits for rows whose prefixes repeat (the G rollouts of a problem share the teacher's context and
+    prompt): each distinct prefix runs once, its keys and values are cached and replicated for its rows, and only the
+    completions run per row. The same logits as completion_logits, up to float rounding; no gradient (the teacher)."""
+    cfg = model.cfg
+    index = {}  # distinct prefix -> its row in the prefill
+    rows = torch.tensor([index.setdefault(tuple(p), len(index)) for p in prefixes], device=device)  # (N,)
+    idx, valid, pos = left_pad([list(k) for k in index], device)  # (U, Tp) each
+    U, Tp = idx.shape
+    L = max(len(c) for c in completions)
+    caches = [KVCache(U, cfg.n_head, Tp + L, cfg.n_embd // cfg.n_head, device, next(model.parameters()).dtype) for _ in range(cfg.n_layer)]
+    h_last = model(idx, pos, attn_mask(valid, Tp), caches, head=False)[:, -1]  # (U, C): predicts each completion's first token
+    for c in caches:
+        c.select(rows)
+    comp = pad_batch(completions, device)[:, : L - 1]  # (N, L-1): the completion tokens that predict the next ones
+    if L > 1:
+        comp_pos = pos[rows, -1:] + 1 + torch.arange(L - 1, device=device)  # (N, L-1)
+        comp_valid = torch.cat([valid[rows], torch.ones_like(comp, dtype=torch.bool)], 1)  # right padding: only later pads see it
+        h = torch.cat([h_last[rows, None], model(comp, comp_pos, attn_mask(comp_valid, L - 1), caches, head=False)], 1)
+    else:
+        h = h_last[rows, None]
+    targets = torch.full((len(completions), L), -1, dtype=torch.long)
+    for i, c in enumerate(completions):
+        targets[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+    return model.head(h), targets.to(device)  # (N, L, V), (N, L)

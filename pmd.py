@@ -12,13 +12,14 @@ One step, for every method (only what the teacher is shown differs):
 The student never sees a context, so the trained model needs no memory at inference.
 """
 import copy
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from memory import LEVELS, Memory, experience_line
-from model import completion_logits, decode, encode, generate
+from model import completion_logits, completion_logits_shared, decode, encode, generate
 
 
 @dataclass
@@ -36,18 +37,40 @@ class Rollout:
 # rollout
 
 
-def rollout(model, task, problems, G, temperature, generator):
+def rollout(model, task, problems, G, temperature, generator, clock=None):
     """G sampled completions per problem, verified. Returns a list of len(problems) * G Rollouts."""
+    clock = clock or Clock()
     was_training = model.training
     model.eval()
     comps, logps = generate(model, [encode(p.prompt) for p in problems], G, task.max_completion, temperature, generator)
     model.train(was_training)
+    clock("rollout")
     out = []
     for i, (c, lp) in enumerate(zip(comps, logps)):
         p, text = problems[i // G], decode(c)
         reward, feedback = task.verify(p, text)
         out.append(Rollout(p, text, c, lp, reward, feedback, task.strategy(p, text)))
+    clock("verify")
     return out
+
+
+class Clock:
+    """Wall time per phase of a step (bench.py --speed): clock(phase) charges the time since its previous call to
+    phase. Without a dict to fill it does nothing. On a GPU it first waits for the queued kernels, so that each
+    phase is charged with its own work rather than with whatever the next synchronisation waits for."""
+
+    def __init__(self, times=None, device="cpu"):
+        self.times, self.sync = times, times is not None and str(device).startswith("cuda")
+        self.last = time.perf_counter()
+
+    def __call__(self, phase):
+        if self.times is None:
+            return
+        if self.sync:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.times[phase] = self.times.get(phase, 0.0) + now - self.last
+        self.last = now
 
 
 # -----------------------------------------------------------------------------
@@ -156,14 +179,21 @@ def distill_loss(s_logits, t_logits, targets, mask, alpha=0.5, topk=0, sampled_t
 # one training step
 
 
-def step(model, teacher, task, memory, problems, cfg, generator, device, gather=None):
+def step(model, teacher, task, memory, problems, cfg, generator, device, gather=None, reflect=True, memory_policy=None, clock=None):
     """Rollout, reflect, teacher, distill for one batch of problems. Returns (loss, stats) with the loss
-    ready for backward. gather: maps this rank's rollouts to every rank's, merged in rank order, for the
-    memory update (distributed)."""
-    rolls = rollout(model, task, problems, cfg.group_size, cfg.temperature, generator)
-    if cfg.update_memory:  # every method keeps a memory (so teacher_acc is comparable); only PMD's teacher reads it
-        memory.update(rolls if gather is None else gather(rolls))
+    ready for backward.
+    gather: maps this rank's rollouts to every rank's, merged in rank order, for the memory update (distributed).
+    reflect: False leaves the memory as it is (the frozen-memory ablation).
+    memory_policy: the model whose rollouts feed the memory; None is the student itself. The frozen-policy
+        ablation passes a frozen copy of the initial policy: the memory keeps learning, the policy feeding it does not.
+    clock: a Clock charged with each phase's time."""
+    clock = clock or Clock()
+    rolls = rollout(model, task, problems, cfg.group_size, cfg.temperature, generator, clock)
+    if reflect:  # every method keeps a memory (so teacher_acc is comparable); only PMD's teacher reads it
+        fed = rolls if memory_policy is None else rollout(memory_policy, task, problems, cfg.group_size, cfg.temperature, generator)
+        memory.update(fed if gather is None else gather(fed))
     contexts = teacher_contexts(cfg.method, rolls, cfg.group_size, memory, [l for l in cfg.memory_levels.split(",") if l])
+    clock("memory")
     prompts = [encode(r.problem.prompt) for r in rolls]
     s_logits, targets = completion_logits(model, prompts, [r.tokens for r in rolls], device)  # (N, L, V), (N, L)
     mask = (targets >= 0).float()
@@ -173,18 +203,23 @@ def step(model, teacher, task, memory, problems, cfg, generator, device, gather=
     if cfg.method == "grpo" or cfg.pg_weight > 0:
         adv = grpo_advantages(rewards, cfg.group_size, cfg.adv_std)
         loss = loss + (1.0 if cfg.method == "grpo" else cfg.pg_weight) * pg_loss(token_logprobs(s_logits, targets), adv, mask)
+    clock("student")
     if cfg.method != "grpo":
         keep = [i for i, c in enumerate(contexts) if c is not None]
         stats["teacher_frac"] = len(keep) / len(rolls)
         if keep:
             with torch.no_grad():
-                t_logits, _ = completion_logits(teacher, [encode(contexts[i]) + prompts[i] for i in keep], [rolls[i].tokens for i in keep], device)
+                t_logits, _ = completion_logits_shared(teacher, [encode(contexts[i]) + prompts[i] for i in keep], [rolls[i].tokens for i in keep], device)
+            clock("teacher")
             logp_old = torch.zeros_like(mask)
             for i, r in enumerate(rolls):
                 logp_old[i, : len(r.logp_old)] = torch.tensor(r.logp_old)
-            kd = distill_loss(s_logits[keep], t_logits, targets[keep], mask[keep], cfg.alpha, cfg.topk, cfg.sampled_token, logp_old[keep], cfg.is_clip)
+            Lt = t_logits.size(1)  # the longest kept completion: a masked-out rollout may be longer
+            kd = distill_loss(s_logits[keep, :Lt], t_logits, targets[keep, :Lt], mask[keep, :Lt], cfg.alpha, cfg.topk, cfg.sampled_token,
+                              logp_old[keep, :Lt], cfg.is_clip)
             loss = loss + kd * len(keep) / len(rolls)  # masked-out rollouts count as zero, as in a token mean over the batch
             stats["distill"] = kd.item()
+            clock("student")
     return loss, stats
 
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from memory import LEVELS, SETTINGS as MEMORY_DEFAULTS, Memory
 from model import GPT, GPTConfig, encode, decode, generate
-from pmd import Rollout, ema_update, make_teacher, sft_loss, step as pmd_step, warmup_example
+from pmd import Clock, Rollout, ema_update, make_teacher, sft_loss, step as pmd_step, warmup_example
 from verify import HiddenProcedures
 
 # -----------------------------------------------------------------------------
@@ -55,9 +55,9 @@ n_head = 4
 n_embd = 128
 block_size = 256
 # warm-up: executing procedures and reading memory lines, on groups never used in RL
-warmup_steps = 1500
-warmup_batch = 64
-warmup_lr = 3e-3
+warmup_steps = 1200
+warmup_batch = 32
+warmup_lr = 1e-3
 warmup_seed = 0
 # RL
 method = "pmd"  # 'grpo', 'sdpo' or 'pmd'
@@ -69,7 +69,7 @@ lr = 1e-3
 grad_clip = 1.0
 max_nonfinite = 5  # a step with a non-finite loss or gradient norm is skipped; this many in a row stop the run
 replay = 16  # warm-up examples with a context mixed into every RL step (keeps the teacher able to read it)
-eval_interval = 10  # steps between evaluations (and checkpoints)
+eval_interval = 20  # steps between evaluations (and checkpoints)
 # loss
 alpha = 0.0  # 0 forward KL(teacher||student), 1 reverse KL, between: generalised JSD
 topk = 0  # >0: distil over the student's top-k tokens plus a tail bucket
@@ -82,7 +82,8 @@ teacher = "ema"  # 'live', 'ema' or 'frozen' weights
 ema_rate = 0.05
 # memory
 memory_levels = "experience,insight,pattern"  # what PMD's teacher is shown
-update_memory = True  # False: the memory keeps what it has (frozen memory)
+memory_steps = -1  # steps whose rollouts update the memory, after which it stays as it is (frozen memory); -1: every step
+memory_from = "student"  # whose rollouts feed the memory: the 'student', or a frozen copy of the 'initial' policy (frozen policy)
 mem_max_families = 256
 mem_max_experiences = 8
 mem_max_insights = 16
@@ -123,7 +124,8 @@ def parse_args(argv, defaults):
 
 
 def check_config(c):
-    choices = dict(init_from=("scratch", "resume"), method=("grpo", "sdpo", "pmd"), teacher=("live", "ema", "frozen"))
+    choices = dict(init_from=("scratch", "resume"), method=("grpo", "sdpo", "pmd"), teacher=("live", "ema", "frozen"),
+                   memory_from=("student", "initial"))
     for k, allowed in choices.items():
         if c[k] not in allowed:
             raise ValueError(f"config key {k!r} must be one of {allowed}, got {c[k]!r}")
@@ -284,12 +286,15 @@ def evaluate(model, teacher, task, memory, c, device):
 # warm-up (cached: every method and seed starts from the same weights)
 
 
+WARMUP_VERSION = 2  # part of the cache key: bump it when the model's code or the warm-up data change
+
+
 def warmup(c, task, device):
     """The warm-up checkpoint for this config and task: loaded from cache_dir, or trained and cached."""
     keys = ("plan_len", "n_ops", "input_len", "n_layer", "n_head", "n_embd", "block_size", "warmup_steps", "warmup_batch", "warmup_lr",
             "warmup_seed", "mem_max_experiences", "mem_max_insights", "mem_min_agree", "mem_min_support", "mem_budget")
     problems = [p.pid for p in task.train + task.heldout]  # a task's settings show in its problems
-    key = dict({k: getattr(c, k) for k in keys}, task=type(task).__name__, max_completion=task.max_completion,
+    key = dict({k: getattr(c, k) for k in keys}, task=type(task).__name__, max_completion=task.max_completion, version=WARMUP_VERSION,
                problems=hashlib.sha1(json.dumps(problems).encode()).hexdigest())
     tag = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     path = os.path.join(c.cache_dir, f"warmup-{tag}.pt")
@@ -307,8 +312,8 @@ def warmup(c, task, device):
     for it in bar:
         for g in opt.param_groups:  # linear ramp, then linear decay to zero
             g["lr"] = c.warmup_lr * min(1.0, (it + 1) / 50) * (1 - it / c.warmup_steps)
-        if not batches:  # draw 8 batches at once and group them by length: half the padding, half the compute
-            pool = sorted((warmup_example(task, rng, settings) for _ in range(8 * c.warmup_batch)), key=lambda e: sum(map(len, e)))
+        if not batches:  # draw 32 batches at once and group them by length: 3 % padding instead of 40 %
+            pool = sorted((warmup_example(task, rng, settings) for _ in range(32 * c.warmup_batch)), key=lambda e: sum(map(len, e)))
             batches = [pool[i : i + c.warmup_batch] for i in range(0, len(pool), c.warmup_batch)]
             rng.shuffle(batches)
         batch = batches.pop()
@@ -328,13 +333,12 @@ def warmup(c, task, device):
 # the loop
 
 
-def main(argv, task=None):
-    """Run from command-line style arguments. task: any object with the interface in verify.py's docstring
-    (default: the built-in HiddenProcedures made from the task settings)."""
+def setup(argv, task=None):
+    """Parse and check the settings, make the task, pick the device, join the process group under torchrun.
+    Returns (config, task, device, rank, world)."""
     c = parse_args(argv, {k: globals()[k] for k in CONFIG_KEYS})
     device = pick_device(c)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
-    master = rank == 0  # the one rank that evaluates, writes files and prints
     if c.prompts_per_step % world:
         raise ValueError(f"prompts_per_step ({c.prompts_per_step}) must be divisible by the number of ranks ({world})")
     try:
@@ -356,11 +360,16 @@ def main(argv, task=None):
             torch.cuda.set_device(device)
         # the long timeout covers rank 0 training the warm-up while the others wait at a barrier
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=1))
-        if not master:
+        if rank:
             sys.stdout = open(os.devnull, "w")
-    ckpt_path, mem_path, metrics_path = (os.path.join(c.out_dir, f) for f in ("ckpt.pt", "memory.json", "metrics.jsonl"))
-    t0 = time.time()
+    return c, task, device, rank, world
 
+
+def start(c, task, device, rank=0, world=1):
+    """Everything a run holds, from the warm-up checkpoint (init_from='scratch') or from out_dir's checkpoint
+    ('resume'): the student (model; student is its compiled form), the teacher, the initial policy (frozen-policy
+    ablation), the optimizer, the memory, the RNGs, and the step and rollout counts."""
+    ckpt_path, mem_path = os.path.join(c.out_dir, "ckpt.pt"), os.path.join(c.out_dir, "memory.json")
     if c.init_from == "resume":
         ckpt = load_checkpoint(ckpt_path, RESUME_KEYS)
         model = GPT(GPTConfig(c.block_size, c.n_layer, c.n_head, c.n_embd)).to(device)
@@ -371,10 +380,10 @@ def main(argv, task=None):
         if ckpt.get("world_size", 1) != world:
             raise ValueError(f"{ckpt_path} was written by {ckpt.get('world_size', 1)} rank(s); resume it with as many, not {world}")
     else:
-        if not master:
+        if rank:
             dist.barrier()  # rank 0 trains (or loads) the warm-up checkpoint and caches it; then the others load it
         model = warmup(c, task, device)
-        if world > 1 and master:
+        if world > 1 and not rank:
             dist.barrier()
         memory = Memory(**memory_settings(c))
         model.eval()
@@ -382,36 +391,87 @@ def main(argv, task=None):
         print("\nheadroom after warm-up (greedy accuracy on the RL families' held-out problems):")
         print("  " + "  ".join(f"{k:>18}" for k in row))
         print("  " + "  ".join(f"{v:>18.3f}" for v in row.values()))
-    teacher = make_teacher(model, c.teacher)
-    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.0)
-    rng = random.Random(c.seed)  # problem order and replay examples: the same on every rank
+        model.train()
+    run = SimpleNamespace(c=c, task=task, device=device, rank=rank, world=world, model=model, memory=memory, step=0, rollouts=0,
+                          teacher=make_teacher(model, c.teacher), opt=torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.0),
+                          initial=make_teacher(model, "frozen") if c.memory_from == "initial" else None,
+                          rng=random.Random(c.seed),  # problem order and replay examples: the same on every rank
+                          gen=torch.Generator(device=device).manual_seed(c.seed + rank))  # sampling: each rank its own stream
     torch.manual_seed(c.seed)
-    gen = torch.Generator(device=device).manual_seed(c.seed + rank)  # sampling: each rank its own stream
-    start, rollouts = 0, 0
     if c.init_from == "resume":
         try:
-            opt.load_state_dict(ckpt["optimizer"])
-            if "teacher" in ckpt and c.teacher != "live":
-                load_weights(teacher, ckpt["teacher"], ckpt_path)
-            start, rollouts = ckpt["step"], ckpt["rollouts"]
-            rng.setstate(to_tuple(ckpt["py_rng"]))
+            run.opt.load_state_dict(ckpt["optimizer"])
+            for name in ("teacher", "initial"):
+                if name in ckpt and getattr(run, name) not in (None, model):
+                    load_weights(getattr(run, name), ckpt[name], ckpt_path)
+            run.step, run.rollouts = ckpt["step"], ckpt["rollouts"]
+            run.rng.setstate(to_tuple(ckpt["py_rng"]))
             torch.set_rng_state(ckpt["torch_rng"])
-            gen.set_state(ckpt["gen_rngs"][rank] if world > 1 else ckpt["gen_rng"])
+            run.gen.set_state(ckpt["gen_rngs"][rank] if world > 1 else ckpt["gen_rng"])
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"checkpoint {ckpt_path} does not fit this run ({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
-        if master:  # drop evaluations logged after the checkpoint
-            with open(metrics_path + ".tmp", "w") as f:
-                f.writelines(read_metrics(metrics_path, start))
-            os.replace(metrics_path + ".tmp", metrics_path)
+    run.student = torch.compile(model) if c.compile else model
+    return run
+
+
+def train_step(run, problems, clock=None):
+    """One RL step on this rank's share of problems: rollout, reflect, teacher, distill (pmd.step), plus replay;
+    backward, gradients averaged over ranks, clipping, the optimizer and EMA teacher updates. A non-finite loss
+    or gradient norm skips the update on every rank. Returns (loss, grad norm, stats, finite)."""
+    c, model, device, world = run.c, run.model, run.device, run.world
+    clock = clock or Clock()
+    share = problems[run.rank * len(problems) // world : (run.rank + 1) * len(problems) // world]
+    reflect = c.memory_steps < 0 or run.step < c.memory_steps
+    with autocast(device):
+        loss, stats = pmd_step(run.student, run.teacher, run.task, run.memory, share, c, run.gen, device, gather=run.gather if world > 1 else None,
+                               reflect=reflect, memory_policy=run.initial, clock=clock)
+        if c.replay:
+            replay = [warmup_example(run.task, run.rng, memory_settings(c), p_plain=0) for _ in range(c.replay)]
+            loss = loss + sft_loss(run.student, replay, device)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if world > 1:  # average the gradients over ranks (by hand: DDP expects one forward per backward, a step has several)
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= world
+    clock("student")
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+    finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(norm))
+    if world > 1:  # every rank skips together; the logged reward is the mean over ranks
+        flags = torch.tensor([stats["reward"], float(not finite)], device=device)
+        dist.all_reduce(flags)
+        stats["reward"], finite = flags[0].item() / world, flags[1].item() == 0
+    if finite:  # else no optimizer step and no EMA update
+        run.opt.step()
+        if c.teacher == "ema":
+            ema_update(run.teacher, model, c.ema_rate)
+    clock("optimizer")
+    run.step += 1
+    run.rollouts += c.prompts_per_step * c.group_size
+    return loss, norm, stats, finite
+
+
+def main(argv, task=None):
+    """Run from command-line style arguments. task: any object with the interface in verify.py's docstring
+    (default: the built-in HiddenProcedures made from the task settings)."""
+    c, task, device, rank, world = setup(argv, task)
+    master = rank == 0  # the one rank that evaluates, writes files and prints
+    ckpt_path, mem_path, metrics_path = (os.path.join(c.out_dir, f) for f in ("ckpt.pt", "memory.json", "metrics.jsonl"))
+    t0 = time.time()
+    run = start(c, task, device, rank, world)
+    model, teacher, memory, rng, gen = run.model, run.teacher, run.memory, run.rng, run.gen
+    if c.init_from == "resume" and master:  # drop evaluations logged after the checkpoint
+        with open(metrics_path + ".tmp", "w") as f:
+            f.writelines(read_metrics(metrics_path, run.step))
+        os.replace(metrics_path + ".tmp", metrics_path)
     elif master:
         open(metrics_path, "w").close()
-    student = torch.compile(model) if c.compile else model
-    settings = memory_settings(c)
 
     def log(step_, extra):
         if not master:  # evaluation runs on rank 0 only
             return {}
-        rec = dict(step=step_, method=c.method, rollouts=rollouts, **evaluate(model, teacher, task, memory, c, device), **extra)
+        rec = dict(step=step_, method=c.method, rollouts=run.rollouts,
+                   **evaluate(model, teacher, task, memory, c, device), **extra)
         with open(metrics_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         return rec
@@ -427,10 +487,12 @@ def main(argv, task=None):
                 tqdm.write(f"step {step_}: all {world} ranks agree: " + ", ".join(f"{k} {v}" for k, v in prints[0].items()))
         if not master:
             return
-        ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), config=vars(c), step=step_, rollouts=rollouts,
+        ckpt = dict(model=model.state_dict(), optimizer=run.opt.state_dict(), config=vars(c), step=step_, rollouts=run.rollouts,
                     py_rng=to_list(rng.getstate()), torch_rng=torch.get_rng_state(), gen_rng=gen.get_state(), memory_step=memory.step)
         if teacher is not model:
             ckpt["teacher"] = teacher.state_dict()
+        if run.initial is not None:
+            ckpt["initial"] = run.initial.state_dict()
         if world > 1:
             ckpt.update(world_size=world, gen_rngs=[g for _, g in states])
         # both files are complete on disk before either replaces its old version; resume checks they match
@@ -443,47 +505,22 @@ def main(argv, task=None):
         dist.all_gather_object(parts, rolls)
         return [r for part in parts for r in part]
 
-    if start == 0:
-        first = log(0, {})
-        before = first.get("heldout_acc", 0.0)
+    run.gather = gather
+    if run.step == 0:
+        before = log(0, {}).get("heldout_acc", 0.0)
     else:
         before = json.loads(open(metrics_path).readline())["heldout_acc"] if master else 0.0
-    bar = tqdm(range(start, c.steps), desc=c.method, dynamic_ncols=True, initial=start, total=c.steps, disable=not master)
-    stats, last = {}, {}
-    nonfinite, saved = 0, start if c.init_from == "resume" else None
+    bar = tqdm(range(run.step, c.steps), desc=c.method, dynamic_ncols=True, initial=run.step, total=c.steps, disable=not master)
+    last, nonfinite, saved = {}, 0, run.step if c.init_from == "resume" else None
     for it in bar:
-        problems = rng.sample(task.train, c.prompts_per_step)
-        share = problems[rank * len(problems) // world : (rank + 1) * len(problems) // world]  # this rank's problems
-        with autocast(device):
-            loss, stats = pmd_step(student, teacher, task, memory, share, c, gen, device, gather=gather if world > 1 else None)
-            if c.replay:
-                loss = loss + sft_loss(student, [warmup_example(task, rng, settings, p_plain=0) for _ in range(c.replay)], device)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if world > 1:  # average the gradients over ranks (by hand: DDP expects one forward per backward, a step has several)
-            for p in model.parameters():
-                dist.all_reduce(p.grad)
-                p.grad /= world
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-        finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(norm))
-        if world > 1:  # every rank skips together; the logged reward is the mean over ranks
-            flags = torch.tensor([stats["reward"], float(not finite)], device=device)
-            dist.all_reduce(flags)
-            stats["reward"], finite = flags[0].item() / world, flags[1].item() == 0
-        if finite:
-            nonfinite = 0
-            opt.step()
-            if c.teacher == "ema":
-                ema_update(teacher, model, c.ema_rate)
-        else:  # no optimizer step, no EMA update
-            nonfinite += 1
-            if master:
-                tqdm.write(f"warning: step {it + 1}: non-finite loss ({loss.item():.4g}) or gradient norm ({norm.item():.4g}); "
-                           f"update skipped ({nonfinite} in a row, max_nonfinite={c.max_nonfinite})")
-            if nonfinite >= c.max_nonfinite:
-                where = f"the last good checkpoint, {ckpt_path} (step {saved}), is intact" if saved is not None else "no checkpoint was written"
-                raise ValueError(f"{nonfinite} consecutive steps with a non-finite loss or gradient norm (steps {it + 2 - nonfinite}-{it + 1}); stopped, {where}")
-        rollouts += c.prompts_per_step * c.group_size
+        loss, norm, stats, finite = train_step(run, rng.sample(task.train, c.prompts_per_step))
+        nonfinite = 0 if finite else nonfinite + 1
+        if not finite and master:
+            tqdm.write(f"warning: step {it + 1}: non-finite loss ({loss.item():.4g}) or gradient norm ({norm.item():.4g}); "
+                       f"update skipped ({nonfinite} in a row, max_nonfinite={c.max_nonfinite})")
+        if nonfinite >= c.max_nonfinite:
+            where = f"the last good checkpoint, {ckpt_path} (step {saved}), is intact" if saved is not None else "no checkpoint was written"
+            raise ValueError(f"{nonfinite} consecutive steps with a non-finite loss or gradient norm (steps {it + 2 - nonfinite}-{it + 1}); stopped, {where}")
         if (it + 1) % c.eval_interval == 0 or it + 1 == c.steps:
             last = log(it + 1, dict(reward=stats["reward"]))
             save(it + 1)
@@ -495,7 +532,7 @@ def main(argv, task=None):
         return
     after = json.loads(open(metrics_path).readlines()[-1])["heldout_acc"]
     print(f"\nmemory-free held-out accuracy: before {before:.3f}  after {after:.3f}  ({c.method}, {c.steps} steps, "
-          f"{rollouts} rollouts, {time.time() - t0:.0f} s)")
+          f"{run.rollouts} rollouts, {time.time() - t0:.0f} s)")
 
 
 def to_list(x):

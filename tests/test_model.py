@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import EOS, GPT, PAD, VOCAB_SIZE, GPTConfig, completion_logits, decode, encode, generate
+from model import EOS, GPT, PAD, VOCAB_SIZE, GPTConfig, completion_logits, completion_logits_shared, decode, encode, generate
 
 PROMPT_LENS = (1, 4, 9, 2)
 MAX_NEW = 12
@@ -119,3 +119,16 @@ def test_tokenizer_round_trips_utf8():
     """Non-ASCII text is split into its UTF-8 bytes and decodes back."""
     s = "é→漢字🙂"
     assert len(encode(s)) == len(s.encode()) and decode(encode(s)) == s
+
+
+def test_shared_prefix_scoring_equals_scoring_each_row():
+    """The teacher's path: prefixes that repeat (a group's shared context) run once; the logits match the full forward."""
+    model, rng = tiny_gpt(), random.Random(3)
+    distinct = [[rng.randrange(1, VOCAB_SIZE) for _ in range(n)] for n in (1, 7, 19)]
+    prefixes = [distinct[i % 3] for i in range(9)]
+    completions = [[rng.randrange(1, VOCAB_SIZE) for _ in range(rng.choice((1, 2, 6, 11)))] for _ in range(9)]
+    (a, ta), (b, tb) = completion_logits(model, prefixes, completions, "cpu"), completion_logits_shared(model, prefixes, completions, "cpu")
+    assert torch.equal(ta, tb) and a.shape == b.shape
+    torch.testing.assert_close(a[ta >= 0], b[tb >= 0], atol=1e-4, rtol=1e-4)
+    one = completion_logits_shared(model, prefixes[:2], [[5], [6]], "cpu")[0]  # one-token completions: the prefill alone
+    torch.testing.assert_close(one, completion_logits(model, prefixes[:2], [[5], [6]], "cpu")[0], atol=1e-4, rtol=1e-4)

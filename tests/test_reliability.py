@@ -133,6 +133,20 @@ def test_resume_after_sigkill_is_bit_exact(ref, tmp_path):
     assert_same_run(ref.out, b)
 
 
+def test_ablation_runs_resume_exactly_and_freeze_what_they_say(ref, tmp_path):
+    """Frozen memory (memory_steps) and frozen policy (memory_from=initial): the memory stops at its step, the policy
+    feeding it keeps the warm-up weights, and a resumed run (the initial copy comes from the checkpoint) is exact."""
+    args = RUN + ["--memory_from=initial", "--memory_steps=3", "--steps=4"]
+    train.main(args + dirs(tmp_path / "x", ref.cache))
+    train.main(args[:-1] + ["--steps=2"] + dirs(tmp_path / "y", ref.cache))
+    train.main(args + ["--init_from=resume"] + dirs(tmp_path / "y", ref.cache))
+    assert_same_run(tmp_path / "x", tmp_path / "y")
+    ckpt = torch.load(tmp_path / "x" / "ckpt.pt", weights_only=True)
+    warm = torch.load(next((ref.cache).glob("warmup-*.pt")), weights_only=True)["model"]
+    assert all(torch.equal(ckpt["initial"][k], warm[k]) for k in warm) and not all(torch.equal(ckpt["model"][k], warm[k]) for k in warm)
+    assert Memory.load(str(tmp_path / "x" / "memory.json")).step == 3
+
+
 # -----------------------------------------------------------------------------
 # 2. atomic writes; checkpoints load with weights_only=True
 

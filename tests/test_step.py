@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from memory import Memory
-from model import GPT, GPTConfig
-from pmd import Rollout, make_teacher, step
+import pmd
+from model import GPT, GPTConfig, encode
+from pmd import Clock, Rollout, make_teacher, step
 from verify import HiddenProcedures
 
 TASK = HiddenProcedures(n_groups=1, families_per_group=2, n_train=2, n_heldout=1)
@@ -14,7 +15,7 @@ PROBLEMS = TASK.train[:2]
 
 
 def cfg(**kw):
-    base = dict(group_size=2, temperature=1.0, update_memory=True, method="pmd", memory_levels="experience,insight,pattern",
+    base = dict(group_size=2, temperature=1.0, method="pmd", memory_levels="experience,insight,pattern",
                 pg_weight=0.0, adv_std=False, alpha=0.0, topk=0, sampled_token=False, is_clip=0.0)
     return SimpleNamespace(**{**base, **kw})
 
@@ -24,16 +25,16 @@ def tiny():
     return GPT(GPTConfig(block_size=256, n_layer=1, n_head=2, n_embd=16))
 
 
-def run(c, memory):
+def run(c, memory, **kw):
     model = tiny()
-    loss, stats = step(model, make_teacher(model, "ema"), TASK, memory, PROBLEMS, c, torch.Generator().manual_seed(0), "cpu")
+    loss, stats = step(model, make_teacher(model, "ema"), TASK, memory, PROBLEMS, c, torch.Generator().manual_seed(0), "cpu", **kw)
     loss.backward()
     return model, loss, stats
 
 
 def test_all_masked_step_still_backpropagates():
     """With nothing for the teacher to read, the loss is zero but still a graph: backward works, gradients are zero."""
-    model, loss, stats = run(cfg(update_memory=False), Memory())
+    model, loss, stats = run(cfg(), Memory(), reflect=False)
     assert loss.item() == 0 and stats["teacher_frac"] == 0
     assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.parameters())
 
@@ -42,7 +43,7 @@ def test_pmd_step_distils_towards_a_teacher_with_memory():
     """With a memory of the problems' reference traces, every rollout has a context and the loss has a gradient."""
     mem = Memory()
     mem.update([Rollout(p, TASK.solve(p), [], [], 1, "ok", TASK.strategy(p, TASK.solve(p))) for p in TASK.train])
-    model, loss, stats = run(cfg(update_memory=False), mem)
+    model, loss, stats = run(cfg(), mem, reflect=False)
     assert stats["teacher_frac"] == 1 and loss.item() > 0 and stats["distill"] == pytest.approx(loss.item(), rel=1e-5)
     assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.parameters())
 
@@ -54,3 +55,35 @@ def test_step_updates_the_memory_for_every_method(method):
     _, loss, stats = run(cfg(method=method), mem)
     assert mem.step == 1 and 1 <= sum(map(len, mem.experience.values())) <= 2 * len(PROBLEMS)
     assert torch.isfinite(loss) and 0 <= stats["reward"] <= 1
+
+
+def test_the_memory_can_be_fed_by_another_policy():
+    """memory_policy (the frozen-policy ablation): the memory holds that policy's samples, not the student's."""
+    mem_own, mem_other = Memory(), Memory()
+    run(cfg(), mem_own)
+    torch.manual_seed(1)
+    other = GPT(GPTConfig(block_size=256, n_layer=1, n_head=2, n_embd=16))
+    run(cfg(), mem_other, memory_policy=other)
+    texts = lambda m: sorted(e["text"] for es in m.experience.values() for e in es)
+    assert mem_other.step == 1 and texts(mem_other) and texts(mem_other) != texts(mem_own)
+
+
+def test_a_masked_rollout_longer_than_every_kept_one(monkeypatch):
+    """Only the problem the memory knows gets a context; the other problem's longer rollouts are masked out."""
+    known = TASK.train[0]
+    unknown = next(p for p in TASK.train if p.family != known.family)
+    short, long = TASK.solve(known), TASK.solve(unknown) + "zzzz"
+    rolls = [Rollout(p, y, encode(y), [-1.0] * len(encode(y)), 0, "wrong", None) for p, y in ((known, short), (known, short), (unknown, long), (unknown, long))]
+    monkeypatch.setattr(pmd, "rollout", lambda *a, **k: rolls)
+    monkeypatch.setattr(pmd, "teacher_contexts", lambda *a: [mem.render(r.problem) or None for r in rolls])
+    mem = Memory()
+    mem.update([Rollout(known, short, [], [], 1, "ok", TASK.strategy(known, short))])
+    model, loss, stats = run(cfg(), mem, reflect=False)
+    assert stats["teacher_frac"] == 0.5 and torch.isfinite(loss) and loss.item() > 0
+
+
+def test_clock_charges_every_phase_of_a_step():
+    """After the memory update the teacher has contexts to read, so every phase of pmd.step takes time."""
+    times = {}
+    run(cfg(), Memory(), clock=Clock(times))
+    assert set(times) == {"rollout", "verify", "memory", "student", "teacher"} and all(t > 0 for t in times.values())

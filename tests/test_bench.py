@@ -1,0 +1,62 @@
+"""bench.py on a tiny config: the benchmark (table, bench.json, reuse of finished runs), the sweep's grid, --speed."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--warmup_steps=3", "--warmup_batch=8", "--prompts_per_step=2",
+        "--group_size=2", "--replay=2", "--n_train=4", "--n_heldout=2", "--device=cpu", "--steps=4", "--eval_interval=2"]
+
+
+def bench(args, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    p = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), *args, f"--bench_dir={tmp_path / 'bench'}",
+                        f"--cache_dir={tmp_path / 'cache'}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return p
+
+
+def test_bench_runs_every_variant_and_reuses_finished_runs(tmp_path):
+    args = TINY + ["--seeds=1,2", "--variants=grpo,frozen-policy"]
+    p = bench(args, tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("held-out") >= 4 and "[4/4]" in p.stdout  # progress: one line per finished run
+    table = lambda out: [l for l in out.splitlines() if l.startswith("| ") and not l.startswith("| method")]
+    rows = table(p.stdout)
+    assert [r.split("|")[1].strip() for r in rows] == ["grpo", "frozen-policy"]
+    records = json.load(open(tmp_path / "bench" / "bench.json"))
+    assert len(records) == 4 and {(r["method"], r["seed"]) for r in records} == {(v, s) for v in ("grpo", "frozen-policy") for s in (1, 2)}
+    for r in records:
+        assert 0 <= r["heldout_acc"] <= 1 and r["rollouts"] == 4 * 2 * 2 and r["curve"][-1][1] == r["heldout_acc"]
+        assert r["rollouts_to_80"] is None or r["rollouts_to_80"] in [c[0] for c in r["curve"]]
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "bench" / "curves.png").stat().st_size > 1000
+    # a second call finds every run finished with the same arguments: nothing reruns, the same table comes out
+    logs = sorted((tmp_path / "bench" / "runs").glob("*/log.txt"))
+    stamps = [f.stat().st_mtime_ns for f in logs]
+    again = bench(args, tmp_path)
+    assert again.returncode == 0 and table(again.stdout) == rows
+    assert [f.stat().st_mtime_ns for f in logs] == stamps
+
+
+def test_bench_errors_are_one_line(tmp_path):
+    for args, msg in ((["--variants=pmd,ppo"], "unknown variant(s) ['ppo']"), (["--workers=x"], "bench option 'workers' expects int"),
+                      (["--lr=fast"], "config key 'lr' expects float")):
+        p = bench(TINY + args, tmp_path)
+        assert p.returncode == 1 and p.stderr.strip().startswith("error:") and msg in p.stderr and "Traceback" not in p.stderr
+
+
+def test_speed_prints_the_speedup_the_phases_and_the_memory_cost(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", BENCH_SPEED_STEPS="2")
+    p = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), "--speed", *TINY, f"--cache_dir={tmp_path / 'cache'}"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = p.stdout
+    speedup = [l for l in out.splitlines() if l.startswith("sampling speedup:")]
+    assert len(speedup) == 1 and float(speedup[0].split()[2].rstrip("x")) > 0
+    for phase in ("rollout", "verify", "memory", "teacher", "student", "optimizer"):
+        assert any(l.strip().startswith(phase) and "%" in l for l in out.splitlines()), phase
+    saved = json.load(open(tmp_path / "out" / "bench" / "speed.json"))
+    assert saved["memory"]["grown 100x"]["families"] >= 100 * saved["memory"]["run's memory"]["families"] - 1
