@@ -44,8 +44,8 @@ VARIANTS = {
     "no-pattern": ["--method=pmd", "--memory_levels=experience,insight"],
 }
 # learning rate of each method, the best of `python bench.py --sweep` (mean over its 2 seeds); ablations use PMD's
-LR = dict(grpo=1e-3, sdpo=1e-3, pmd=1e-3)
-SWEEP_LRS = (3e-4, 1e-3, 3e-3)
+LR = dict(grpo=3e-4, sdpo=3e-4, pmd=3e-4)
+SWEEP_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
 EVERY = ["--eval_interval=10"]  # curves at every 640 rollouts (train.py's default evaluates half as often)
 SWEEP_SEEDS = (101, 102)
 BENCH = dict(seeds="1337,1,2", variants=",".join(VARIANTS), workers=2, bench_dir="out/bench")
