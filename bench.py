@@ -4,8 +4,8 @@ Benchmarks: does PMD's memory make the memory-free student learn faster and bett
     python bench.py                  # GRPO, SDPO, PMD and the PMD ablations, 3 seeds each, one shared warm-up:
                                      # a markdown table, out/bench/bench.json, out/bench/curves.png
     python bench.py --sweep          # the learning-rate sweep behind LR below (2 seeds the benchmark does not use)
-    python bench.py --n_ops=8 --variants=grpo,sdpo,pmd,frozen-memory,frozen-policy --bench_dir=out/bench-ops8
-                                     # any train.py setting applies to every run (here: a harder task)
+    python bench.py --n_ops=8 --warmup_steps=2400 --variants=grpo,sdpo,pmd,frozen-memory,frozen-policy --bench_dir=out/bench-ops8
+                                     # any train.py setting applies to every run (here: a harder task, a longer warm-up)
     python bench.py --speed          # sampling speedup, per-phase time of one step, memory cost at 100x its size
 
 Bench options: --seeds=1337,1,2  --variants=...  --workers=2 (runs in parallel, the cores split between them)
@@ -66,10 +66,13 @@ def run_one(name, args, bench_dir, threads):
     os.makedirs(d, exist_ok=True)
     args = args + [f"--out_dir={d}"]
     done_path = os.path.join(d, "done.json")
-    if os.path.exists(done_path):
-        done = json.load(open(done_path))
+    try:
+        with open(done_path) as f:
+            done = json.load(f)
         if done["args"] == args:
             return done
+    except (OSError, ValueError, KeyError, TypeError):  # not run yet, or a record this run cannot use: run it
+        pass
     t0 = time.time()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     with open(os.path.join(d, "log.txt"), "w") as log:
@@ -287,7 +290,7 @@ def synthetic_fill(memory, n_families, rng):
         memory.update(rolls)
 
 
-def speed_memory(run, step_ms):
+def speed_memory(run, mem_path, step_ms):
     """Memory update + render with the run's memory and with the memory grown 100x, and one problem's render in each."""
     c, task = run.c, run.task
     rng = random.Random(0)
@@ -296,9 +299,9 @@ def speed_memory(run, step_ms):
     for r in rolls:
         r.reward, r.feedback = task.verify(r.problem, r.completion)
         r.strategy = task.strategy(r.problem, r.completion)
-    small = Memory.load(run.mem_path)
+    small = Memory.load(mem_path)
     n = len(small.groups)
-    big = Memory.load(run.mem_path)
+    big = Memory.load(mem_path)
     big.settings.update(max_families=100 * big.settings["max_families"])
     synthetic_fill(big, 99 * max(n, 1), rng)
     res = {}
@@ -330,10 +333,10 @@ def speed(common):
         out = dict(device=device, sampling=speed_sampling(run, repeats=5))
         steps = int(os.environ.get("BENCH_SPEED_STEPS", 20))
         out["step"] = speed_step(run, steps)
-        run.mem_path = os.path.join(d, "memory.json")
-        run.memory.save(run.mem_path)
+        mem_path = os.path.join(d, "memory.json")
+        run.memory.save(mem_path)
         print(f"\nmemory cost (its update + render runs once per step) after {steps + 2} steps:")
-        out["memory"] = speed_memory(run, out["step"]["step_ms"])
+        out["memory"] = speed_memory(run, mem_path, out["step"]["step_ms"])
     os.makedirs("out/bench", exist_ok=True)
     with open("out/bench/speed.json", "w") as f:
         json.dump(out, f, indent=1)

@@ -104,7 +104,8 @@ class Memory:
             side.append(problem.pid)
             del side[:-cap]
             it["step"] = self.step  # equal evidence retires it (net 0: never rendered, never confirmed) but keeps its evidence
-        for items in {id(self.insight[r.problem.family]): self.insight[r.problem.family] for r in rollouts if r.strategy}.values():
+        for fam in {r.problem.family for r in rollouts if r.strategy is not None}:  # only the families reflected on can be over the cap
+            items = self.insight[fam]
             while len(items) > self.settings["max_insights"]:  # lessons go before strategies, weakest evidence first
                 weakest = min(items, key=lambda s: (net(items[s]) > 0, abs(net(items[s])), items[s]["step"]))
                 del items[weakest]
@@ -187,7 +188,8 @@ class Memory:
             with open(path) as f:
                 d = json.load(f)
             mem = cls(**d["settings"])
-            mem.step, mem.groups, mem.touched = int(d["step"]), dict(d["groups"]), dict(d["touched"])
+            mem.step, mem.groups = int(d["step"]), dict(d["groups"])
+            mem.touched = dict(sorted(d["touched"].items(), key=lambda kv: kv[1]))  # least recently updated first, whatever the file's order
             mem.experience, mem.insight, mem.pattern = dict(d["experience"]), dict(d["insight"]), dict(d["pattern"])
             check_state(mem)
             for fam, g in mem.groups.items():

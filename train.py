@@ -312,7 +312,7 @@ def warmup(c, task, device):
     for it in bar:
         for g in opt.param_groups:  # linear ramp, then linear decay to zero
             g["lr"] = c.warmup_lr * min(1.0, (it + 1) / 50) * (1 - it / c.warmup_steps)
-        if not batches:  # draw 32 batches at once and group them by length: 3 % padding instead of 40 %
+        if not batches:  # draw 32 batches at once and group them by length: 3 % padding (11 % over 8 batches, 57 % ungrouped)
             pool = sorted((warmup_example(task, rng, settings) for _ in range(32 * c.warmup_batch)), key=lambda e: sum(map(len, e)))
             batches = [pool[i : i + c.warmup_batch] for i in range(0, len(pool), c.warmup_batch)]
             rng.shuffle(batches)
@@ -388,7 +388,9 @@ def start(c, task, device, rank=0, world=1):
         memory = Memory(**memory_settings(c))
         model.eval()
         row = headroom(model, task, c, device)
-        print("\nheadroom after warm-up (greedy accuracy on the RL families' held-out problems):")
+        families, groups = ({getattr(p, k) for p in task.heldout} for k in ("family", "group"))
+        print(f"\nheadroom after warm-up (greedy accuracy on the RL families' held-out problems: {len(task.heldout)} problems, "
+              f"{len(families)} families in {len(groups)} groups):")
         print("  " + "  ".join(f"{k:>18}" for k in row))
         print("  " + "  ".join(f"{v:>18.3f}" for v in row.values()))
         model.train()
@@ -426,7 +428,8 @@ def train_step(run, problems, clock=None):
         loss, stats = pmd_step(run.student, run.teacher, run.task, run.memory, share, c, run.gen, device, gather=run.gather if world > 1 else None,
                                reflect=reflect, memory_policy=run.initial, clock=clock)
         if c.replay:
-            replay = [warmup_example(run.task, run.rng, memory_settings(c), p_plain=0) for _ in range(c.replay)]
+            settings = memory_settings(c)
+            replay = [warmup_example(run.task, run.rng, settings, p_plain=0) for _ in range(c.replay)]
             loss = loss + sft_loss(run.student, replay, device)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()

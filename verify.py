@@ -83,6 +83,8 @@ class HiddenProcedures:
         for g, first in zip(GROUPS, rng.sample(self.ops, n_groups)):
             candidates = [p for p in self.plans if p[0] == first and p not in self.families.values()]
             nums = rng.sample(range(10, 100), families_per_group)
+            # a first op that starts fewer unambiguous plans than families_per_group gets only those families
+            # (n_ops=8: a group starting with inc or dec has one); train.py prints the families it got
             for num, plan in zip(nums, rng.sample(candidates, min(families_per_group, len(candidates)))):
                 fam = f"{g}{num:02d}"
                 self.families[fam] = plan

@@ -39,6 +39,13 @@ def test_bench_runs_every_variant_and_reuses_finished_runs(tmp_path):
     again = bench(args, tmp_path)
     assert again.returncode == 0 and table(again.stdout) == rows
     assert [f.stat().st_mtime_ns for f in logs] == stamps
+    # a run whose record is corrupt, or was made with other arguments, runs again; the others are still reused
+    (logs[0].parent / "done.json").write_text("{")
+    done = json.load(open(logs[1].parent / "done.json"))
+    json.dump(dict(done, args=done["args"] + ["--steps=2"]), open(logs[1].parent / "done.json", "w"))
+    third = bench(args, tmp_path)
+    assert third.returncode == 0 and third.stdout.count("held-out") >= 4
+    assert [f.stat().st_mtime_ns != t for f, t in zip(logs, stamps)] == [True, True, False, False]
 
 
 def test_bench_errors_are_one_line(tmp_path):

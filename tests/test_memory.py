@@ -65,9 +65,10 @@ def test_experience_cap_evicts_failures_before_successes():
 def test_family_cap_evicts_least_recently_updated():
     """Over max_families, the family updated longest ago is forgotten at every level."""
     mem = Memory(max_families=2)
-    for fam in ("A10", "A11", "A12"):
+    for fam in ("A10", "A11", "A10", "A12"):  # A10 updated again: now A11 is the least recent
         confirm(mem, fam, X)
-    assert set(mem.experience) == set(mem.insight) == set(mem.groups) == {"A11", "A12"}
+    assert set(mem.experience) == set(mem.insight) == set(mem.groups) == {"A10", "A12"}
+    assert mem.members == {"A": ["A10", "A12"]}  # the group index forgets the evicted family too
 
 
 # -- insight ------------------------------------------------------------------------------------------------
@@ -269,6 +270,17 @@ def test_save_load_round_trip(tmp_path):
     more = [rollout(problem("A12", "a"), 1, X), rollout(problem("A10", "h"), 0, X)]
     assert feed(back, *more).state() == feed(mem, *more).state()
     assert not os.path.exists(path + ".tmp")
+
+
+def test_load_keeps_least_recently_updated_first_whatever_the_files_order(tmp_path):
+    """Eviction after a load forgets the family updated longest ago, even if the file lists it last."""
+    path, d = _saved(tmp_path)
+    d["touched"] = dict(reversed(list(d["touched"].items())))  # A11 (updated last) first, A10 last
+    json.dump(d, open(path, "w"))
+    mem = Memory.load(path)
+    mem.settings["max_families"] = 2
+    confirm(mem, "B10", X)
+    assert set(mem.groups) == {"A11", "B10"}
 
 
 def _saved(tmp_path):

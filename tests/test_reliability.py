@@ -145,6 +145,8 @@ def test_ablation_runs_resume_exactly_and_freeze_what_they_say(ref, tmp_path):
     warm = torch.load(next((ref.cache).glob("warmup-*.pt")), weights_only=True)["model"]
     assert all(torch.equal(ckpt["initial"][k], warm[k]) for k in warm) and not all(torch.equal(ckpt["model"][k], warm[k]) for k in warm)
     assert Memory.load(str(tmp_path / "x" / "memory.json")).step == 3
+    train.main(RUN + ["--memory_steps=3", "--steps=4"] + dirs(tmp_path / "own", ref.cache))  # the same run, its memory fed by the student
+    assert open(tmp_path / "own" / "memory.json").read() != open(tmp_path / "x" / "memory.json").read()
 
 
 # -----------------------------------------------------------------------------
