@@ -42,7 +42,7 @@ def test_bench_runs_every_variant_and_reuses_finished_runs(tmp_path):
     # a run whose record is corrupt, or was made with other arguments, runs again; the others are still reused
     (logs[0].parent / "done.json").write_text("{")
     done = json.load(open(logs[1].parent / "done.json"))
-    json.dump(dict(done, args=done["args"] + ["--steps=2"]), open(logs[1].parent / "done.json", "w"))
+    (logs[1].parent / "done.json").write_text(json.dumps(dict(done, args=done["args"] + ["--steps=2"])))
     third = bench(args, tmp_path)
     assert third.returncode == 0 and third.stdout.count("held-out") >= 4
     assert [f.stat().st_mtime_ns != t for f, t in zip(logs, stamps)] == [True, True, False, False]

@@ -276,7 +276,8 @@ def test_load_keeps_least_recently_updated_first_whatever_the_files_order(tmp_pa
     """Eviction after a load forgets the family updated longest ago, even if the file lists it last."""
     path, d = _saved(tmp_path)
     d["touched"] = dict(reversed(list(d["touched"].items())))  # A11 (updated last) first, A10 last
-    json.dump(d, open(path, "w"))
+    with open(path, "w") as f:
+        json.dump(d, f)
     mem = Memory.load(path)
     mem.settings["max_families"] = 2
     confirm(mem, "B10", X)
