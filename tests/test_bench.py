@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--warmup_steps=3", "--warmup_batch=8", "--prompts_per_step=2",
@@ -31,8 +30,11 @@ def test_bench_runs_every_variant_and_reuses_finished_runs(tmp_path):
     for r in records:
         assert 0 <= r["heldout_acc"] <= 1 and r["rollouts"] == 4 * 2 * 2 and r["curve"][-1][1] == r["heldout_acc"]
         assert r["rollouts_to_80"] is None or r["rollouts_to_80"] in [c[0] for c in r["curve"]]
-    pytest.importorskip("matplotlib")
-    assert (tmp_path / "bench" / "curves.png").stat().st_size > 1000
+    try:  # matplotlib is optional: without it the benchmark says so and writes no plot
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "bench" / "curves.png").stat().st_size > 1000
+    except ImportError:
+        assert "matplotlib is not installed" in p.stdout and not (tmp_path / "bench" / "curves.png").exists()
     # a second call finds every run finished with the same arguments: nothing reruns, the same table comes out
     logs = sorted((tmp_path / "bench" / "runs").glob("*/log.txt"))
     stamps = [f.stat().st_mtime_ns for f in logs]
