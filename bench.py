@@ -1,15 +1,18 @@
 """
 Benchmarks: does PMD's memory make the memory-free student learn faster and better, and where does the time go.
 
-    python bench.py                  # GRPO, SDPO, PMD and the PMD ablations, 3 seeds each, one shared warm-up:
+    python bench.py                  # GRPO, SDPO, the replay control (rft), PMD and the PMD ablations, 3 seeds each:
                                      # a markdown table, out/bench/bench.json, out/bench/curves.png
-    python bench.py --sweep          # the learning-rate sweep behind LR below (2 seeds the benchmark does not use)
-    python bench.py --n_ops=8 --warmup_steps=2400 --variants=grpo,sdpo,pmd,frozen-memory,frozen-policy --bench_dir=out/bench-ops8
-                                     # any train.py setting applies to every run (here: a harder task, a longer warm-up)
+    python bench.py --difficulty     # GRPO, SDPO, rft and PMD at plan_len 1..4 (a random plan passes from often to
+                                     # almost never), 3 seeds: tables, out/bench/difficulty.json, out/bench/difficulty.png
+    python bench.py --sweep          # the tuning behind TUNED below: every method over the same grid of learning rate
+                                     # and replay weight, at plan_len=2, on 2 seeds the benchmark does not use
     python bench.py --speed          # sampling speedup, per-phase time of one step, memory cost at 100x its size
+    python bench.py --task_seed=1 --variants=grpo,sdpo,pmd --bench_dir=out/bench-t1
+                                     # any train.py setting applies to every run (here: another family table)
 
 Bench options: --seeds=1337,1,2  --variants=...  --workers=2 (runs in parallel, the cores split between them)
---bench_dir=out/bench. Every other --key=value is a train.py setting. Each run lives in bench_dir/runs/<name>;
+--bench_dir=out/bench  --knob=plan_len:1,2,3,4 (--difficulty's setting and values). Every other --key=value is a train.py setting. Each run lives in bench_dir/runs/<name>;
 a finished run with the same arguments is reused, so an interrupted benchmark continues where it stopped.
 """
 import json
@@ -34,6 +37,7 @@ from verify import OPS, Problem
 VARIANTS = {
     "grpo": ["--method=grpo"],
     "sdpo": ["--method=sdpo"],
+    "rft": ["--method=rft"],  # the replay control: supervised on the memory's verified successes, no teacher
     "pmd": ["--method=pmd"],
     # frozen memory: the memory keeps what the first 20 steps put in it (10 % of the budget), then stops learning
     "frozen-memory": ["--method=pmd", "--memory_steps=20"],
@@ -43,25 +47,36 @@ VARIANTS = {
     "no-insight": ["--method=pmd", "--memory_levels=experience,pattern"],
     "no-pattern": ["--method=pmd", "--memory_levels=experience,insight"],
 }
-# learning rate of each method, the best of `python bench.py --sweep` (mean over its 2 seeds); ablations use PMD's
-LR = dict(grpo=3e-4, sdpo=3e-4, pmd=3e-4)
-SWEEP_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
-EVERY = ["--eval_interval=10"]  # curves at every 640 rollouts (train.py's default evaluates half as often)
+METHODS = ("grpo", "sdpo", "rft", "pmd")
+# each method's settings: the best of `python bench.py --sweep` (mean over its 2 seeds); ablations use PMD's
+TUNED = dict(grpo=dict(lr=1e-4, replay_weight=0.1), sdpo=dict(lr=3e-4, replay_weight=1.0), rft=dict(lr=3e-4, replay_weight=0.1),
+             pmd=dict(lr=3e-4, replay_weight=1.0))
+SWEEP = dict(lr=(1e-4, 3e-4, 1e-3), replay_weight=(0.1, 0.3, 1.0))  # the same grid for every method
+SWEEP_TASK = ["--plan_len=2"]  # tuned where every method can learn: at the default's rare successes most runs sit at zero
 SWEEP_SEEDS = (101, 102)
-BENCH = dict(seeds="1337,1,2", variants=",".join(VARIANTS), workers=2, bench_dir="out/bench")
+EVERY = ["--eval_interval=10"]  # curves at every 640 rollouts (train.py's default evaluates half as often)
+# --difficulty's knob and its settings: a random plan is right about 1 time in 6, 36, 216, 1296
+BENCH = dict(seeds="1337,1,2", variants=",".join(VARIANTS), workers=2, bench_dir="out/bench", knob="plan_len:1,2,3,4")
+SETS = dict(heldout="new inputs", unseen="unseen families")  # the two evaluation sets, as tables name them
 
 
 def method_of(variant):
     return next(a.split("=")[1] for a in VARIANTS[variant] if a.startswith("--method="))
 
 
+def tuned_args(variant):
+    return [f"--{k}={v}" for k, v in TUNED[method_of(variant)].items()]
+
+
 # -----------------------------------------------------------------------------
 # running train.py
+
+RECORD_VERSION = 2  # done.json's format: a record of another version is rerun
 
 
 def run_one(name, args, bench_dir, threads):
     """python train.py args in bench_dir/runs/name, unless a finished run with these arguments is there.
-    Returns the run's record: its evaluations and its wall time."""
+    Returns the run's record: its arguments, its wall time and every evaluation of metrics.jsonl."""
     d = os.path.join(bench_dir, "runs", name)
     os.makedirs(d, exist_ok=True)
     args = args + [f"--out_dir={d}"]
@@ -69,7 +84,7 @@ def run_one(name, args, bench_dir, threads):
     try:
         with open(done_path) as f:
             done = json.load(f)
-        if done["args"] == args:
+        if done["args"] == args and done["version"] == RECORD_VERSION and done["metrics"]:
             return done
     except (OSError, ValueError, KeyError, TypeError):  # not run yet, or a record this run cannot use: run it
         pass
@@ -81,8 +96,8 @@ def run_one(name, args, bench_dir, threads):
     if p.returncode:
         tail = open(os.path.join(d, "log.txt")).read().strip().splitlines()[-1:]
         raise ValueError(f"run {name} failed (exit {p.returncode}): {tail[0] if tail else 'no output'}; log: {d}/log.txt")
-    curve = [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))]
-    done = dict(args=args, wall_s=round(time.time() - t0, 1), curve=[[r["rollouts"], r["heldout_acc"], r["teacher_acc"]] for r in curve])
+    metrics = [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))]
+    done = dict(version=RECORD_VERSION, args=args, wall_s=round(time.time() - t0, 1), metrics=metrics)
     tmp = done_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(done, f)
@@ -90,19 +105,21 @@ def run_one(name, args, bench_dir, threads):
     return done
 
 
-def run_all(jobs, bench_dir, workers, common):
-    """jobs: (name, train.py args). The shared warm-up is trained first (all cores), then the runs go in parallel."""
-    c, task, device, _, _ = train.setup(common + [f"--out_dir={tempfile.mkdtemp()}"])
-    train.warmup(c, task, device)
+def run_all(jobs, bench_dir, workers, settings):
+    """jobs: (name, train.py args). The warm-up of each of settings (lists of train.py arguments) is trained first,
+    one at a time on all cores; then the runs go in parallel."""
+    for common in settings:
+        c, task, device, _, _ = train.setup(common + [f"--out_dir={tempfile.mkdtemp()}"])
+        train.warmup(c, task, device)
     threads = max(1, (os.cpu_count() or 1) // workers)
     results, t0 = {}, time.time()
 
     def one(job):
         name, args = job
         results[name] = run_one(name, args, bench_dir, threads)
-        final = results[name]["curve"][-1]
-        print(f"[{len(results)}/{len(jobs)}] {name:<26} held-out {final[1]:.3f}  teacher {final[2]:.3f}  "
-              f"({results[name]['wall_s']:.0f} s; {time.time() - t0:.0f} s so far)", flush=True)
+        end = results[name]["metrics"][-1]
+        print(f"[{len(results)}/{len(jobs)}] {name:<30} new inputs {end['heldout_acc']:.3f}  unseen families {fmt(end.get('unseen_acc'))}  "
+              f"teacher {end['teacher_acc']:.3f}  ({results[name]['wall_s']:.0f} s; {time.time() - t0:.0f} s so far)", flush=True)
 
     print(f"{len(jobs)} runs, {workers} at a time, {threads} thread(s) each; logs in {bench_dir}/runs/<name>/log.txt", flush=True)
     with ThreadPoolExecutor(workers) as pool:
@@ -114,103 +131,204 @@ def run_all(jobs, bench_dir, workers, common):
 # summarising
 
 
-def rollouts_to(curve, level=0.8):
-    return next((r for r, acc, _ in curve if acc >= level), None)
+def fmt(x, f="{:.3f}"):
+    return "-" if x is None else f.format(x)
 
 
-def mean_std(xs, fmt="{:.3f}"):
+def rollouts_to(metrics, level=0.8):
+    return next((r["rollouts"] for r in metrics if r["heldout_acc"] >= level), None)
+
+
+def mean_std(xs, f="{:.3f}"):
+    xs = [x for x in xs if x is not None]
     if not xs:
         return "-"
-    return fmt.format(statistics.mean(xs)) + (" ± " + fmt.format(statistics.stdev(xs)) if len(xs) > 1 else "")
+    return f.format(statistics.mean(xs)) + (" ± " + f.format(statistics.stdev(xs)) if len(xs) > 1 else "")
+
+
+def run_settings(args):
+    """The tuned settings a run used: the last --lr= and --replay_weight= of its arguments (a user's override wins)."""
+    last = {a[2:].split("=")[0]: float(a.split("=", 1)[1]) for a in args if a.startswith(("--lr=", "--replay_weight="))}
+    return dict(lr=last["lr"], replay_weight=last["replay_weight"])
+
+
+def record(variant, seed, res):
+    """One run's summary: its final evaluation (both sets, pass@k), the rollouts it took to 80 %, its curve."""
+    end = res["metrics"][-1]
+    return dict(end, method=variant, seed=seed, rollouts_to_80=rollouts_to(res["metrics"]), wall_s=res["wall_s"],
+                start_pass1=res["metrics"][0].get("heldout_pass@1"), settings=run_settings(res["args"]),
+                curve=[[r["rollouts"], r["heldout_acc"], r.get("unseen_acc"), r["teacher_acc"]] for r in res["metrics"]])
 
 
 def table(records, variants):
-    rows = ["| method | lr | held-out acc (mean ± std) | rollouts to 80 % | teacher acc | wall per run (s) |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| method | lr, replay w. | new inputs | unseen families | pass@16 new inputs | pass@16 unseen | rollouts to 80 % | teacher (new inputs) | wall per run (s) |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for v in variants:
         rs = [r for r in records if r["method"] == v]
         reached = [r["rollouts_to_80"] for r in rs if r["rollouts_to_80"] is not None]
         to80 = "not reached" if not reached else mean_std(reached, "{:.0f}") + ("" if len(reached) == len(rs) else f" ({len(reached)} of {len(rs)} seeds)")
-        rows.append(f"| {v} | {rs[0]['lr']:g} | {mean_std([r['heldout_acc'] for r in rs])} | {to80} | "
+        s = rs[0]["settings"]
+        rows.append(f"| {v} | {s['lr']:g}, {s['replay_weight']:g} | {mean_std([r['heldout_acc'] for r in rs])} | {mean_std([r.get('unseen_acc') for r in rs])} | "
+                    f"{mean_std([r.get('heldout_pass@16') for r in rs])} | {mean_std([r.get('unseen_pass@16') for r in rs])} | {to80} | "
                     f"{mean_std([r['teacher_acc'] for r in rs])} | {mean_std([r['wall_s'] for r in rs], '{:.0f}')} |")
     return "\n".join(rows)
 
 
-def plot(records, variants, path):
+def pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot(records, variants, path):
+    """Memory-free accuracy against rollouts, mean and std band over seeds: one panel per evaluation set."""
+    plt = pyplot()
+    if plt is None:
         print(f"matplotlib is not installed: no {path} (pip install matplotlib)")
         return
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for v in variants:
-        curves = [r["curve"] for r in records if r["method"] == v]
-        n = min(map(len, curves))
-        x = [curves[0][i][0] for i in range(n)]
-        accs = [[c[i][1] for c in curves] for i in range(n)]
-        mean = [statistics.mean(a) for a in accs]
-        std = [statistics.stdev(a) if len(a) > 1 else 0.0 for a in accs]
-        line, = ax.plot(x, mean, label=v, lw=2 if v in ("pmd", "sdpo", "grpo") else 1)
-        ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=line.get_color(), alpha=0.15)
-    ax.axhline(0.8, color="grey", ls=":", lw=1)
-    ax.set(xlabel="rollouts", ylabel="memory-free held-out accuracy (greedy)", ylim=(0, 1), title="mean ± std over seeds")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, (col, name) in zip(axes, ((1, SETS["heldout"]), (2, SETS["unseen"]))):
+        for v in variants:
+            curves = [r["curve"] for r in records if r["method"] == v]
+            n = min(map(len, curves))
+            x = [curves[0][i][0] for i in range(n)]
+            accs = [[c[i][col] or 0.0 for c in curves] for i in range(n)]
+            mean = [statistics.mean(a) for a in accs]
+            std = [statistics.stdev(a) if len(a) > 1 else 0.0 for a in accs]
+            line, = ax.plot(x, mean, label=v, lw=2 if v in METHODS else 1)
+            ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=line.get_color(), alpha=0.15)
+        ax.axhline(0.8, color="grey", ls=":", lw=1)
+        ax.set(xlabel="rollouts", title=f"{name} (greedy, no memory), mean ± std over seeds", ylim=(0, 1))
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
 
 
+def save_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
 # -----------------------------------------------------------------------------
-# the benchmark and the sweep
+# the benchmark, the difficulty sweep and the tuning sweep
 
 
-def bench(opts, common):
+def variant_list(opts):
     variants = [v for v in opts["variants"].split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
-    seeds = [int(s) for s in opts["seeds"].split(",")]
-    lr = lambda v: LR[method_of(v)]
-    jobs = [(f"{v}-s{s}", [*VARIANTS[v], f"--lr={lr(v)}", f"--seed={s}", *EVERY, *common]) for v in variants for s in seeds]
+    return variants
+
+
+def job(variant, seed, common, extra=(), tag=""):
+    """(name, train.py args) of one run; the name keys the run directory, so runs that share arguments share it."""
+    return f"{variant}{tag}-s{seed}", [*VARIANTS[variant], *tuned_args(variant), *extra, f"--seed={seed}", *EVERY, *common]
+
+
+def bench(opts, common):
+    variants, seeds = variant_list(opts), [int(s) for s in opts["seeds"].split(",")]
+    cells = [(v, s) for v in variants for s in seeds]
+    jobs = [job(v, s, common) for v, s in cells]
     t0 = time.time()
-    results = run_all(jobs, opts["bench_dir"], opts["workers"], common)
-    user_lr = next((a.split("=")[1] for a in common if a.startswith("--lr=")), None)  # a --lr= of the user's overrides LR
-    records = []
-    for v in variants:
-        for s in seeds:
-            res = results[f"{v}-s{s}"]
-            final = res["curve"][-1]
-            records.append(dict(method=v, seed=s, heldout_acc=final[1], rollouts_to_80=rollouts_to(res["curve"]), teacher_acc=final[2],
-                                lr=float(user_lr or lr(v)), wall_s=res["wall_s"], rollouts=final[0], curve=res["curve"]))
-    with open(os.path.join(opts["bench_dir"], "bench.json"), "w") as f:
-        json.dump(records, f, indent=1)
-    print(f"\nfinal memory-free held-out accuracy at {records[0]['rollouts']} rollouts, {len(seeds)} seed(s): "
+    results = run_all(jobs, opts["bench_dir"], opts["workers"], [common])
+    records = [record(v, s, results[name]) for (name, _), (v, s) in zip(jobs, cells)]
+    save_json(records, os.path.join(opts["bench_dir"], "bench.json"))
+    print(f"\nfinal memory-free accuracy (greedy) at {records[0]['rollouts']} rollouts, {len(seeds)} seed(s): "
           f"python bench.py {' '.join(sys.argv[1:])}\n")
     print(table(records, variants))
     print(f"\nwrote {opts['bench_dir']}/bench.json; benchmark wall time {(time.time() - t0) / 60:.1f} min")
     plot(records, variants, os.path.join(opts["bench_dir"], "curves.png"))
 
 
+def difficulty(opts, common):
+    """Every method at every setting of the DIFFICULTY knob, on the benchmark's seeds; the default setting's runs are
+    the benchmark's own (same arguments, same directories)."""
+    knob, values = knob_values(opts["knob"])
+    default, seeds = getattr(train, knob), [int(s) for s in opts["seeds"].split(",")]
+    extra = lambda val: [] if val == default else [f"--{knob}={val}"]
+    cells = [(m, val, s) for val in values for m in METHODS for s in seeds]
+    jobs = [job(m, s, common, extra(val), "" if val == default else f"-{knob}{val}") for m, val, s in cells]
+    t0 = time.time()
+    results = run_all(jobs, opts["bench_dir"], opts["workers"], [extra(val) + common for val in values])
+    records = [dict(record(m, s, results[name]), **{knob: val}) for (name, _), (m, val, s) in zip(jobs, cells)]
+    save_json(records, os.path.join(opts["bench_dir"], "difficulty.json"))
+    start = {val: statistics.mean(r["start_pass1"] for r in records if r[knob] == val) for val in values}
+    print(f"\nfinal memory-free accuracy (greedy) at {records[0]['rollouts']} rollouts against {knob}, mean ± std over "
+          f"{len(seeds)} seeds: python bench.py {' '.join(sys.argv[1:])}")
+    for key, name in SETS.items():
+        print(f"\n{name}:\n\n| method | " + " | ".join(f"{knob}={val} (start {start[val]:.3f})" for val in values) + " |")
+        print("|---|" + "---|" * len(values))
+        for m in METHODS:
+            print(f"| {m} | " + " | ".join(mean_std([r.get(f"{key}_acc") for r in records if r["method"] == m and r[knob] == val]) for val in values) + " |")
+    print(f"\n'start' is the initial success rate: the warm-up policy's pass@1 (sampled) on new inputs, mean over seeds. "
+          f"Wall time {(time.time() - t0) / 60:.1f} min; wrote {opts['bench_dir']}/difficulty.json")
+    plot_difficulty(records, knob, start, os.path.join(opts["bench_dir"], "difficulty.png"))
+
+
+def knob_values(spec):
+    """'plan_len:1,2,3,4' -> ('plan_len', [1, 2, 3, 4]), each value checked as a train.py setting."""
+    knob, _, vals = spec.partition(":")
+    if knob not in train.CONFIG_KEYS or not vals:
+        raise ValueError(f"bench option 'knob' expects a train.py setting and its values, like plan_len:1,2,3,4; got {spec!r}")
+    values = [vars(train.parse_args([f"--{knob}={v}"], {k: getattr(train, k) for k in train.CONFIG_KEYS}))[knob] for v in vals.split(",")]
+    return knob, values
+
+
+def plot_difficulty(records, knob, start, path):
+    plt = pyplot()
+    if plt is None:
+        print(f"matplotlib is not installed: no {path} (pip install matplotlib)")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    vals = sorted(start, key=lambda v: -start[v])
+    x = {v: max(start[v], 1e-4) for v in vals}  # a log axis: a rate of 0 (no sample passed) is drawn at 1e-4
+    for ax, (key, name) in zip(axes, SETS.items()):
+        for m in METHODS:
+            accs = [[r.get(f"{key}_acc") or 0.0 for r in records if r["method"] == m and r[knob] == v] for v in vals]
+            mean, std = [statistics.mean(a) for a in accs], [statistics.stdev(a) if len(a) > 1 else 0.0 for a in accs]
+            ax.errorbar([x[v] for v in vals], mean, yerr=std, label=m, marker="o", capsize=3, lw=2)
+        for v in vals:
+            ax.annotate(f"{knob}={v}", (x[v], 0.02), fontsize=7, ha="center", color="grey")
+        ax.set(xscale="log", xlabel="initial success rate (warm-up policy's pass@1 on new inputs)", ylim=(0, 1.02),
+               title=f"{name}: final accuracy (greedy, no memory)")
+        ax.invert_xaxis()  # from common (left) to rare (right)
+    axes[0].set_ylabel("accuracy after 12 800 rollouts, mean ± std over seeds")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def sweep(opts, common):
-    """Every method at every learning rate of SWEEP_LRS, on seeds the benchmark does not use."""
-    jobs = [(f"{m}-lr{lr:g}-s{s}", [f"--method={m}", f"--lr={lr}", f"--seed={s}", *EVERY, *common]) for m in LR for lr in SWEEP_LRS for s in SWEEP_SEEDS]
-    results = run_all(jobs, opts["bench_dir"], opts["workers"], common)
-    rows = ["| method | " + " | ".join(f"lr {lr:g}" for lr in SWEEP_LRS) + " |", "|---|" + "---|" * len(SWEEP_LRS)]
-    summary = {}
-    for m in LR:
-        accs = {lr: [results[f"{m}-lr{lr:g}-s{s}"]["curve"][-1][1] for s in SWEEP_SEEDS] for lr in SWEEP_LRS}
-        summary[m] = {f"{lr:g}": a for lr, a in accs.items()}
-        rows.append(f"| {m} | " + " | ".join(mean_std(accs[lr]) for lr in SWEEP_LRS) + " |")
-        best = max(SWEEP_LRS, key=lambda lr: statistics.mean(accs[lr]))
-        summary[m]["best"] = best
-    print(f"\nfinal held-out accuracy, mean ± std over seeds {SWEEP_SEEDS}: python bench.py {' '.join(sys.argv[1:])}\n")
-    print("\n".join(rows))
-    print("\nbest: " + ", ".join(f"{m} {summary[m]['best']:g}" for m in LR) + f"   (bench.py uses: {', '.join(f'{m} {v:g}' for m, v in LR.items())})")
-    with open(os.path.join(opts["bench_dir"], "sweep.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    """Every method at every point of the SWEEP grid, at SWEEP_TASK, on seeds the benchmark does not use."""
+    grid = [dict(lr=lr, replay_weight=w) for lr in SWEEP["lr"] for w in SWEEP["replay_weight"]]
+    cells = [(m, i, s) for m in METHODS for i in range(len(grid)) for s in SWEEP_SEEDS]
+    jobs = [(f"sweep-{m}-lr{grid[i]['lr']:g}-rw{grid[i]['replay_weight']:g}-s{s}",
+             [*VARIANTS[m], *(f"--{k}={v}" for k, v in grid[i].items()), f"--seed={s}", *EVERY, *SWEEP_TASK, *common]) for m, i, s in cells]
+    results = run_all(jobs, opts["bench_dir"], opts["workers"], [SWEEP_TASK + common])
+    acc = {}
+    for (name, _), (m, i, s) in zip(jobs, cells):
+        acc.setdefault((m, i), []).append(results[name]["metrics"][-1]["heldout_acc"])
+    print(f"\nfinal memory-free accuracy on new inputs, mean ± std over seeds {SWEEP_SEEDS}, {' '.join(SWEEP_TASK)}: "
+          f"python bench.py {' '.join(sys.argv[1:])}\n")
+    print("| method | " + " | ".join(f"lr {g['lr']:g}, w {g['replay_weight']:g}" for g in grid) + " |")
+    print("|---|" + "---|" * len(grid))
+    best = {}
+    for m in METHODS:
+        print(f"| {m} | " + " | ".join(mean_std(acc[m, i]) for i in range(len(grid))) + " |")
+        best[m] = grid[max(range(len(grid)), key=lambda i: statistics.mean(acc[m, i]))]
+    print("\nbest: " + "; ".join(f"{m} lr {b['lr']:g} replay_weight {b['replay_weight']:g}" for m, b in best.items()))
+    print("bench.py uses (TUNED): " + "; ".join(f"{m} lr {t['lr']:g} replay_weight {t['replay_weight']:g}" for m, t in TUNED.items()))
+    save_json(dict(grid=grid, seeds=SWEEP_SEEDS, task=SWEEP_TASK, acc={f"{m} {i}": a for (m, i), a in acc.items()}, best=best),
+              os.path.join(opts["bench_dir"], "sweep.json"))
 
 
 # -----------------------------------------------------------------------------
@@ -347,7 +465,7 @@ def main(argv):
     mode = "bench"
     opts, common = dict(BENCH), []
     for a in argv:
-        if a in ("--speed", "--sweep"):
+        if a in ("--speed", "--sweep", "--difficulty"):
             mode = a[2:]
         elif a in ("-h", "--help"):
             print(__doc__)
@@ -366,7 +484,7 @@ def main(argv):
     if mode == "speed":
         return speed(common)
     os.makedirs(opts["bench_dir"], exist_ok=True)
-    (sweep if mode == "sweep" else bench)(opts, common)
+    dict(bench=bench, sweep=sweep, difficulty=difficulty)[mode](opts, common)
 
 
 if __name__ == "__main__":

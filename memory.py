@@ -1,7 +1,8 @@
 """
 Procedural memory: three levels, plain dicts and lists, saved as human-readable JSON.
 
-    experience  family -> list of raw trajectories {pid, text, reward, feedback, step}
+    experience  family -> list of raw trajectories {pid, text, n_prompt, reward, feedback, step}; text is the
+                prompt (its first n_prompt characters) and the completion
     insight     family -> {strategy: {agree: [pids], contradict: [pids], step}}
                 a strategy whose faithful traces passed on more inputs than they failed on is a
                 *strategy* (rendered `ok`); one that failed more is a *lesson* (rendered `bad`);
@@ -84,7 +85,8 @@ class Memory:
             if e["text"] == text:  # the same trajectory again: refresh it, don't store a copy
                 e["step"] = self.step
                 return
-        exps.append(dict(pid=problem.pid, text=text, reward=int(reward), feedback=clean(feedback, 16), step=self.step))
+        exps.append(dict(pid=problem.pid, text=text, n_prompt=len(clean(problem.prompt, 10**6)), reward=int(reward),
+                         feedback=clean(feedback, 16), step=self.step))
         while len(exps) > self.settings["max_experiences"]:
             fails = [e for e in exps if not e["reward"]]
             exps.remove(min(fails or exps, key=lambda e: e["step"]))
@@ -170,7 +172,7 @@ class Memory:
     # -- save / load as JSON -----------------------------------------------------------------------
 
     def state(self):
-        return dict(version=1, settings=self.settings, step=self.step, groups=self.groups, touched=self.touched,
+        return dict(version=2, settings=self.settings, step=self.step, groups=self.groups, touched=self.touched,
                     experience=self.experience, insight=self.insight, pattern=self.pattern)
 
     def save(self, path):
@@ -210,7 +212,7 @@ def check_state(mem):
           and all(isinstance(g, str) for g in mem.groups.values()) and set(mem.touched) == set(mem.groups)
           and set(mem.experience) <= set(mem.groups) and set(mem.insight) <= set(mem.groups)
           and all(is_list(es) and all(isinstance(e, dict) and isinstance(e.get("text"), str) and isinstance(e.get("feedback"), str)
-                                      and is_int(e.get("reward")) and is_int(e.get("step")) and "pid" in e for e in es)
+                                      and is_int(e.get("reward")) and is_int(e.get("step")) and is_int(e.get("n_prompt")) and "pid" in e for e in es)
                   for es in mem.experience.values())
           and all(isinstance(its, dict) and all(isinstance(it, dict) and is_strs(it.get("agree")) and is_strs(it.get("contradict"))
                                                  and is_int(it.get("step")) for it in its.values()) for its in mem.insight.values())

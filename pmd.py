@@ -1,15 +1,16 @@
 """
 Procedural Memory Distillation: rollout, reflect, teacher, distill.
 
-One step, for every method (only what the teacher is shown differs):
+One step, for every method (only what the student learns from differs):
     rollout   the student samples G completions per prompt; the task's verifier scores each
-    reflect   PMD: the rollouts update the memory (experiences -> insights -> patterns)
+    reflect   the rollouts update the memory (experiences -> insights -> patterns)
     teacher   the same network (live, EMA or frozen weights) reads a context and scores the
               student's own completion tokens: PMD's context is the memory rendered for the
-              problem, SDPO's the first successful sibling plus the sample's own feedback
+              problem, SDPO's the first successful sibling in the sample's group
     distill   per-token divergence between student and teacher next-token distributions
-              (GRPO instead weighs the sampled tokens' log-probs by r - mean(r) of the group)
-The student never sees a context, so the trained model needs no memory at inference.
+GRPO instead weighs the sampled tokens' log-probs by r - mean(r) of the group; the replay control
+(rft) imitates the verified successes the memory keeps for the batch's families. The student never
+sees a context, so the trained model needs no memory at inference.
 """
 import copy
 import time
@@ -79,19 +80,17 @@ class Clock:
 
 def teacher_contexts(method, rollouts, G, memory=None, levels=LEVELS):
     """The context text the teacher reads before each rollout's prompt; None masks the rollout out."""
-    if method == "grpo":
+    if method in ("grpo", "rft"):  # no teacher
         return [None] * len(rollouts)
     if method == "pmd":  # one render per problem: the G samples of its group share it
         rendered = {r.problem.pid: memory.render(r.problem, levels) or None for r in rollouts[::G]}
         return [rendered[r.problem.pid] for r in rollouts]
-    contexts = []  # sdpo: the first successful sibling (never the sample itself) and the sample's own feedback
+    contexts = []  # sdpo: the first successful sibling, never the sample itself; no success in the group masks it out
     for i, r in enumerate(rollouts):
         group = rollouts[i - i % G : i - i % G + G]
         demo = next((s for s in group if s.reward and s is not r), None)
-        lines = [experience_line(demo.problem.prompt, demo.completion, 1, "")] if demo else []
-        if not r.reward:
-            lines.append(experience_line(r.problem.prompt, r.completion, 0, r.feedback))
-        contexts.append("".join(l + "\n" for l in lines) if demo or not r.reward else None)
+        # the sample's own failed trace is not shown: a teacher shown it raises that very plan's probability (README)
+        contexts.append(experience_line(demo.problem.prompt, demo.completion, 1, "") + "\n" if demo else None)
     return contexts
 
 
@@ -130,8 +129,11 @@ def token_logprobs(logits, targets):
 
 
 def pg_loss(logp, adv, mask):
-    """Policy gradient, token-level mean: -sum A_i log p(y_it) / #tokens. One update per batch, so no ratio clip."""
-    return -(adv[:, None] * logp * mask).sum() / mask.sum().clamp(min=1)
+    """Policy gradient, token-level mean over the rollouts whose advantage is not zero (a group whose samples all
+    passed or all failed teaches nothing and does not dilute the others, as DAPO's dynamic sampling drops it).
+    One update per batch, so no ratio clip."""
+    informative = mask * (adv != 0)[:, None]
+    return -(adv[:, None] * logp * mask).sum() / informative.sum().clamp(min=1)
 
 
 def divergence(ls, lt, alpha):
@@ -204,7 +206,13 @@ def step(model, teacher, task, memory, problems, cfg, generator, device, gather=
         adv = grpo_advantages(rewards, cfg.group_size, cfg.adv_std)
         loss = loss + (1.0 if cfg.method == "grpo" else cfg.pg_weight) * pg_loss(token_logprobs(s_logits, targets), adv, mask)
     clock("student")
-    if cfg.method != "grpo":
+    if cfg.method == "rft":  # the replay control: imitate the verified successes the memory keeps for the batch's families
+        examples = memory_successes(memory, problems)
+        stats["imitated"] = len(examples)
+        if examples:
+            loss = loss + sft_loss(model, examples, device)
+        clock("student")
+    if cfg.method in ("sdpo", "pmd"):
         keep = [i for i, c in enumerate(contexts) if c is not None]
         stats["teacher_frac"] = len(keep) / len(rolls)
         if keep:
@@ -217,10 +225,19 @@ def step(model, teacher, task, memory, problems, cfg, generator, device, gather=
             Lt = t_logits.size(1)  # the longest kept completion: a masked-out rollout may be longer
             kd = distill_loss(s_logits[keep, :Lt], t_logits, targets[keep, :Lt], mask[keep, :Lt], cfg.alpha, cfg.topk, cfg.sampled_token,
                               logp_old[keep, :Lt], cfg.is_clip)
-            loss = loss + kd * len(keep) / len(rolls)  # masked-out rollouts count as zero, as in a token mean over the batch
+            loss = loss + kd  # a token mean over the kept rollouts only, as SDPO's: masked-out ones do not dilute it
             stats["distill"] = kd.item()
             clock("student")
     return loss, stats
+
+
+def memory_successes(memory, problems):
+    """(context, prompt, completion) for every passing trajectory the memory keeps of the problems' families: the
+    cross-episode buffer of verified successes that the replay control imitates. Completions end with the newline
+    that ends every sampled completion (the memory stores lines without it)."""
+    families = dict.fromkeys(p.family for p in problems)  # distinct, in batch order
+    return [("", e["text"][: e["n_prompt"]], e["text"][e["n_prompt"] :] + "\n")
+            for f in families for e in memory.experience.get(f, []) if e["reward"]]
 
 
 def sft_loss(model, examples, device):

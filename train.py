@@ -16,6 +16,7 @@ import contextlib
 import datetime
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -47,7 +48,8 @@ n_groups = 3  # RL groups (families of a group share their first op)
 families_per_group = 4
 input_len = 5  # letters per input string
 n_train = 32  # RL inputs per family
-n_heldout = 8  # held-out inputs per family (evaluation only)
+n_heldout = 8  # held-out inputs per family (evaluation only), and inputs per unseen family
+n_unseen = 2  # families per group that RL never trains on (evaluation only: what transfers to a new problem)
 task_seed = 0  # the family table
 # model
 n_layer = 3
@@ -60,15 +62,17 @@ warmup_batch = 32
 warmup_lr = 1e-3
 warmup_seed = 0
 # RL
-method = "pmd"  # 'grpo', 'sdpo' or 'pmd'
+method = "pmd"  # 'grpo', 'sdpo', 'pmd' or 'rft' (the replay control: imitate the memory's verified successes, no teacher)
 steps = 200  # RL steps
 prompts_per_step = 8  # problems per step
 group_size = 8  # samples per problem (G)
 temperature = 1.0
-lr = 3e-4  # RL learning rate: the best of `python bench.py --sweep` for every method
+lr = 3e-4  # RL learning rate: PMD's best in `python bench.py --sweep` (bench.TUNED has every method's)
+lr_warmup = 20  # steps of linear learning-rate ramp at the start of RL (a fresh Adam's first steps move every weight by lr)
 grad_clip = 1.0
 max_nonfinite = 5  # a step with a non-finite loss or gradient norm is skipped; this many in a row stop the run
 replay = 16  # warm-up examples with a context mixed into every RL step (keeps the teacher able to read it)
+replay_weight = 1.0  # the replay loss's weight beside the method's own loss (PMD's best, as lr)
 eval_interval = 20  # steps between evaluations (and checkpoints)
 # loss
 alpha = 0.0  # 0 forward KL(teacher||student), 1 reverse KL, between: generalised JSD
@@ -76,7 +80,7 @@ topk = 0  # >0: distil over the student's top-k tokens plus a tail bucket
 sampled_token = False  # the sampled-token reverse-KL estimator instead of the full distribution
 is_clip = 0.0  # >0: importance-sampling weight min(p/p_old, is_clip)
 pg_weight = 0.0  # >0: add the GRPO term to SDPO / PMD with this weight
-adv_std = False  # divide GRPO advantages by the group's std
+adv_std = True  # divide GRPO advantages by the group's std (GRPO as published; Dr. GRPO drops it)
 # teacher
 teacher = "ema"  # 'live', 'ema' or 'frozen' weights
 ema_rate = 0.05
@@ -124,7 +128,7 @@ def parse_args(argv, defaults):
 
 
 def check_config(c):
-    choices = dict(init_from=("scratch", "resume"), method=("grpo", "sdpo", "pmd"), teacher=("live", "ema", "frozen"),
+    choices = dict(init_from=("scratch", "resume"), method=("grpo", "sdpo", "pmd", "rft"), teacher=("live", "ema", "frozen"),
                    memory_from=("student", "initial"))
     for k, allowed in choices.items():
         if c[k] not in allowed:
@@ -148,8 +152,9 @@ def check_config(c):
             raise ValueError(f"{k} must be >= 0, got {c[k]}")
     if not 0 <= c["ema_rate"] <= 1:
         raise ValueError(f"ema_rate must be in [0, 1], got {c['ema_rate']}")
-    if c["replay"] < 0:
-        raise ValueError(f"replay must be >= 0, got {c['replay']}")
+    for k in ("replay", "replay_weight", "lr_warmup"):
+        if c[k] < 0:
+            raise ValueError(f"{k} must be >= 0, got {c[k]}")
 
 
 def memory_settings(c):
@@ -159,7 +164,7 @@ def memory_settings(c):
 
 
 def make_task(c):
-    return HiddenProcedures(c.plan_len, c.n_ops, c.n_groups, c.families_per_group, c.input_len, c.n_train, c.n_heldout, c.task_seed)
+    return HiddenProcedures(c.plan_len, c.n_ops, c.n_groups, c.families_per_group, c.input_len, c.n_train, c.n_heldout, c.task_seed, c.n_unseen)
 
 
 def pick_device(c):
@@ -244,17 +249,38 @@ def fingerprint(model, teacher, memory, rng):
 # evaluation
 
 
+HELDOUT = ("heldout", "unseen")  # the two evaluation sets: new inputs of the RL families, families RL never trains on
+PASS_K = (1, 4, 16)  # pass@k at the start and the end of a run, from PASS_K[-1] samples per problem
+
+
 @torch.no_grad()
 def accuracy(model, task, problems, contexts, device):
-    """Greedy accuracy on problems, each after its context ('' for the memory-free student)."""
+    """Greedy accuracy on problems, each after its context ('' for the memory-free student); None for no problems."""
+    if not problems:
+        return None
     comps, _ = generate(model, [encode(c + p.prompt) for c, p in zip(contexts, problems)], 1, task.max_completion, temperature=0)
     return sum(task.verify(p, decode(y))[0] for p, y in zip(problems, comps)) / len(problems)
 
 
+@torch.no_grad()
+def pass_at_k(model, task, problems, c, device):
+    """The share of problems that at least one of k samples solves, for each k in PASS_K: the unbiased estimate
+    1 - C(n - right, k) / C(n, k) from n = PASS_K[-1] samples at the RL temperature, from a generator of its own
+    (so that evaluating leaves the training's random streams as they were). {} for no problems."""
+    if not problems:
+        return {}
+    n = PASS_K[-1]
+    gen = torch.Generator(device=device).manual_seed(c.seed)
+    comps, _ = generate(model, [encode(p.prompt) for p in problems], n, task.max_completion, c.temperature, gen)
+    right = [sum(task.verify(p, decode(y))[0] for y in comps[i * n : (i + 1) * n]) for i, p in enumerate(problems)]
+    return {k: sum(1 - math.comb(n - r, k) / math.comb(n, k) for r in right) / len(problems) for k in PASS_K}
+
+
 def headroom(model, task, c, device):
-    """Right after warm-up: the student without memory vs the teacher given each memory level, on the RL
-    families' held-out problems. The memory holds verified reference traces of a few training problems per
-    family, plus wrong attempts: what PMD's memory holds once the policy has found each family's plan."""
+    """Right after warm-up: the student without memory vs the teacher given each memory level, on both evaluation
+    sets. The memory holds verified reference traces of a few training problems per RL family, plus wrong attempts:
+    what PMD's memory holds once the policy has found each family's plan. An unseen family has no experience or
+    insight of its own; only its group's pattern reaches it."""
     rng = random.Random(c.seed)
     mem = Memory(**memory_settings(c))
     rolls, per_family = [], {}
@@ -266,18 +292,30 @@ def headroom(model, task, c, device):
                 r, fb = task.verify(p, text)
                 rolls.append(Rollout(p, text, [], [], r, fb, task.strategy(p, text)))
     mem.update(rolls)
-    row = dict(student=accuracy(model, task, task.heldout, [""] * len(task.heldout), device))
-    for lvl in LEVELS:
-        row[f"teacher+{lvl}"] = accuracy(model, task, task.heldout, [mem.render(p, (lvl,)) for p in task.heldout], device)
-    row["teacher+all"] = accuracy(model, task, task.heldout, [mem.render(p) for p in task.heldout], device)
-    return row
+    rows = {}
+    for name in HELDOUT:
+        probs = getattr(task, name)
+        row = dict(student=accuracy(model, task, probs, [""] * len(probs), device))
+        for lvl in LEVELS:
+            row[f"teacher+{lvl}"] = accuracy(model, task, probs, [mem.render(p, (lvl,)) for p in probs], device)
+        row["teacher+all"] = accuracy(model, task, probs, [mem.render(p) for p in probs], device)
+        rows[name] = row
+    return rows
 
 
-def evaluate(model, teacher, task, memory, c, device):
+def evaluate(model, teacher, task, memory, c, device, final=False):
+    """Greedy accuracy of the memory-free student and of the teacher reading the memory, on both evaluation sets
+    (heldout_acc, teacher_acc; unseen_acc, teacher_unseen_acc); at the start and the end (final) also the student's
+    pass@k on both."""
     model.eval()
     levels = [l for l in c.memory_levels.split(",") if l]
-    out = dict(heldout_acc=accuracy(model, task, task.heldout, [""] * len(task.heldout), device),
-               teacher_acc=accuracy(teacher, task, task.heldout, [memory.render(p, levels) for p in task.heldout], device))
+    out = {}
+    for name in HELDOUT:
+        probs, tag = getattr(task, name), "" if name == "heldout" else f"{name}_"
+        out[f"{name}_acc"] = accuracy(model, task, probs, [""] * len(probs), device)
+        out[f"teacher_{tag}acc"] = accuracy(teacher, task, probs, [memory.render(p, levels) for p in probs], device)
+        if final:
+            out.update({f"{name}_pass@{k}": v for k, v in pass_at_k(model, task, probs, c, device).items()})
     model.train()
     return out
 
@@ -293,7 +331,7 @@ def warmup(c, task, device):
     """The warm-up checkpoint for this config and task: loaded from cache_dir, or trained and cached."""
     keys = ("plan_len", "n_ops", "input_len", "n_layer", "n_head", "n_embd", "block_size", "warmup_steps", "warmup_batch", "warmup_lr",
             "warmup_seed", "mem_max_experiences", "mem_max_insights", "mem_min_agree", "mem_min_support", "mem_budget")
-    problems = [p.pid for p in task.train + task.heldout]  # a task's settings show in its problems
+    problems = [p.pid for p in task.train + task.heldout + task.unseen]  # a task's settings show in its problems
     key = dict({k: getattr(c, k) for k in keys}, task=type(task).__name__, max_completion=task.max_completion, version=WARMUP_VERSION,
                problems=hashlib.sha1(json.dumps(problems).encode()).hexdigest())
     tag = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
@@ -351,7 +389,7 @@ def setup(argv, task=None):
     task = task or make_task(c)
     if c.prompts_per_step > len(task.train):
         raise ValueError(f"prompts_per_step ({c.prompts_per_step}) exceeds the {len(task.train)} training problems")
-    need = max(len(encode(p.prompt)) for p in task.train + task.heldout) + task.max_completion + c.mem_budget
+    need = max(len(encode(p.prompt)) for p in task.train + task.heldout + task.unseen) + task.max_completion + c.mem_budget
     if need > c.block_size:
         raise ValueError(f"block_size ({c.block_size}) is too small for memory budget + prompt + completion ({need} tokens)")
     if world > 1:
@@ -387,12 +425,13 @@ def start(c, task, device, rank=0, world=1):
             dist.barrier()
         memory = Memory(**memory_settings(c))
         model.eval()
-        row = headroom(model, task, c, device)
-        families, groups = ({getattr(p, k) for p in task.heldout} for k in ("family", "group"))
-        print(f"\nheadroom after warm-up (greedy accuracy on the RL families' held-out problems: {len(task.heldout)} problems, "
-              f"{len(families)} families in {len(groups)} groups):")
-        print("  " + "  ".join(f"{k:>18}" for k in row))
-        print("  " + "  ".join(f"{v:>18.3f}" for v in row.values()))
+        rows = headroom(model, task, c, device)
+        print("\nheadroom after warm-up (greedy accuracy; the teacher reads a memory of a few verified traces per RL family):")
+        print(f"  {'':<32}" + "".join(f"{k:>19}" for k in rows["heldout"]))
+        for name, row in rows.items():
+            probs = getattr(task, name)
+            what = f"{name} ({len(probs)} problems, {len({p.family for p in probs})} families)"
+            print(f"  {what:<32}" + "".join(f"{'-' if v is None else f'{v:.3f}':>19}" for v in row.values()))
         model.train()
     run = SimpleNamespace(c=c, task=task, device=device, rank=rank, world=world, model=model, memory=memory, step=0, rollouts=0,
                           teacher=make_teacher(model, c.teacher), opt=torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.0),
@@ -430,7 +469,7 @@ def train_step(run, problems, clock=None):
         if c.replay:
             settings = memory_settings(c)
             replay = [warmup_example(run.task, run.rng, settings, p_plain=0) for _ in range(c.replay)]
-            loss = loss + sft_loss(run.student, replay, device)
+            loss = loss + c.replay_weight * sft_loss(run.student, replay, device)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     if world > 1:  # average the gradients over ranks (by hand: DDP expects one forward per backward, a step has several)
@@ -445,6 +484,8 @@ def train_step(run, problems, clock=None):
         dist.all_reduce(flags)
         stats["reward"], finite = flags[0].item() / world, flags[1].item() == 0
     if finite:  # else no optimizer step and no EMA update
+        for g in run.opt.param_groups:
+            g["lr"] = c.lr * min(1.0, (run.step + 1) / max(c.lr_warmup, 1))
         run.opt.step()
         if c.teacher == "ema":
             ema_update(run.teacher, model, c.ema_rate)
@@ -464,17 +505,20 @@ def main(argv, task=None):
     run = start(c, task, device, rank, world)
     model, teacher, memory, rng, gen = run.model, run.teacher, run.memory, run.rng, run.gen
     if c.init_from == "resume" and master:  # drop evaluations logged after the checkpoint
+        kept = read_metrics(metrics_path, run.step)
+        # pass@k is measured at the start and at a run's end: a run continued past its end measures it at the new end
+        kept[1:] = [json.dumps({k: v for k, v in json.loads(l).items() if "_pass@" not in k}) + "\n" for l in kept[1:]]
         with open(metrics_path + ".tmp", "w") as f:
-            f.writelines(read_metrics(metrics_path, run.step))
+            f.writelines(kept)
         os.replace(metrics_path + ".tmp", metrics_path)
     elif master:
         open(metrics_path, "w").close()
 
-    def log(step_, extra):
+    def log(step_, extra, final=False):
         if not master:  # evaluation runs on rank 0 only
             return {}
         rec = dict(step=step_, method=c.method, rollouts=run.rollouts,
-                   **evaluate(model, teacher, task, memory, c, device), **extra)
+                   **evaluate(model, teacher, task, memory, c, device, final), **extra)
         with open(metrics_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         return rec
@@ -510,13 +554,14 @@ def main(argv, task=None):
 
     run.gather = gather
     if run.step == 0:
-        before = log(0, {}).get("heldout_acc", 0.0)
+        before = log(0, {}, final=True).get("heldout_acc", 0.0)
     else:
         before = json.loads(open(metrics_path).readline())["heldout_acc"] if master else 0.0
     bar = tqdm(range(run.step, c.steps), desc=c.method, dynamic_ncols=True, initial=run.step, total=c.steps, disable=not master)
-    last, nonfinite, saved = {}, 0, run.step if c.init_from == "resume" else None
+    last, nonfinite, saved, rewards = {}, 0, run.step if c.init_from == "resume" else None, []
     for it in bar:
         loss, norm, stats, finite = train_step(run, rng.sample(task.train, c.prompts_per_step))
+        rewards.append(stats["reward"])
         nonfinite = 0 if finite else nonfinite + 1
         if not finite and master:
             tqdm.write(f"warning: step {it + 1}: non-finite loss ({loss.item():.4g}) or gradient norm ({norm.item():.4g}); "
@@ -525,7 +570,8 @@ def main(argv, task=None):
             where = f"the last good checkpoint, {ckpt_path} (step {saved}), is intact" if saved is not None else "no checkpoint was written"
             raise ValueError(f"{nonfinite} consecutive steps with a non-finite loss or gradient norm (steps {it + 2 - nonfinite}-{it + 1}); stopped, {where}")
         if (it + 1) % c.eval_interval == 0 or it + 1 == c.steps:
-            last = log(it + 1, dict(reward=stats["reward"]))
+            last = log(it + 1, dict(reward=sum(rewards) / len(rewards)), final=it + 1 == c.steps)  # mean since the last evaluation
+            rewards = []
             save(it + 1)
             saved = it + 1
         bar.set_postfix(reward=f"{stats['reward']:.2f}", heldout=f"{last.get('heldout_acc', before):.2f}", teacher=f"{last.get('teacher_acc', 0):.2f}")
@@ -533,9 +579,13 @@ def main(argv, task=None):
         dist.destroy_process_group()
     if not master:
         return
-    after = json.loads(open(metrics_path).readlines()[-1])["heldout_acc"]
-    print(f"\nmemory-free held-out accuracy: before {before:.3f}  after {after:.3f}  ({c.method}, {c.steps} steps, "
-          f"{run.rollouts} rollouts, {time.time() - t0:.0f} s)")
+    recs = [json.loads(line) for line in open(metrics_path)]
+    first, end = recs[0], recs[-1]
+    print(f"\nmemory-free accuracy (greedy) before -> after ({c.method}, {c.steps} steps, {run.rollouts} rollouts, {time.time() - t0:.0f} s):")
+    for name in HELDOUT:
+        if end.get(f"{name}_acc") is not None:
+            passes = "  ".join(f"pass@{k} {first[f'{name}_pass@{k}']:.3f} -> {end[f'{name}_pass@{k}']:.3f}" for k in PASS_K)
+            print(f"  {name:<8} {first[f'{name}_acc']:.3f} -> {end[f'{name}_acc']:.3f}   {passes}")
 
 
 def to_list(x):

@@ -9,7 +9,9 @@ families for pattern memory to find. The verifier replays the trace: reward 1 if
 stated op applied to the previous string (the trace is faithful) and the answer is right.
 
 The task interface the loop and the memory use (replace this class to plug in your own task):
-    task.train, task.heldout          lists of Problem (pid, family, group, prompt, solution)
+    task.train, task.heldout          lists of Problem (pid, family, group, prompt, solution): RL problems, and new
+                                      inputs of the same families (evaluation only)
+    task.unseen                       problems of families RL never trains on (evaluation only; may be empty)
     task.verify(problem, completion)  -> (reward in {0, 1}, feedback str); never raises
     task.strategy(problem, completion) -> tuple of steps if the trace is faithful, else None
     task.max_completion               tokens a completion may take
@@ -68,30 +70,44 @@ def trace(plan, s):
 
 
 class HiddenProcedures:
-    def __init__(self, plan_len=3, n_ops=6, n_groups=3, families_per_group=4, input_len=5, n_train=32, n_heldout=8, seed=0):
+    def __init__(self, plan_len=3, n_ops=6, n_groups=3, families_per_group=4, input_len=5, n_train=32, n_heldout=8, seed=0, n_unseen=2):
         if not (1 <= plan_len <= 6 and 2 <= n_ops <= len(OPS) and 1 <= n_groups <= min(n_ops, len(GROUPS))):
             raise ValueError(f"task: need 1 <= plan_len <= 6, 2 <= n_ops <= {len(OPS)}, 1 <= n_groups <= min(n_ops, {len(GROUPS)})")
-        if not (2 <= input_len <= 12 and families_per_group >= 1 and n_train >= 1 and n_heldout >= 1):
-            raise ValueError("task: need 2 <= input_len <= 12 and families_per_group, n_train, n_heldout >= 1")
+        if not (2 <= input_len <= 12 and families_per_group >= 1 and n_train >= 1 and n_heldout >= 1 and n_unseen >= 0):
+            raise ValueError("task: need 2 <= input_len <= 12, families_per_group, n_train, n_heldout >= 1 and n_unseen >= 0")
         self.plan_len, self.input_len = plan_len, input_len
         self.ops = list(OPS)[:n_ops]
         self.max_completion = 4 * plan_len + (input_len + 1) * plan_len + 2
         rng = random.Random(seed)
         self.plans = self._unambiguous_plans(rng)
-        self.families = {}  # family id -> hidden plan
-        self.train, self.heldout = [], []
-        for g, first in zip(GROUPS, rng.sample(self.ops, n_groups)):
-            candidates = [p for p in self.plans if p[0] == first and p not in self.families.values()]
+        self.families = {}  # family id -> hidden plan (RL families and unseen ones)
+        self.train, self.heldout, self.unseen = [], [], []
+        firsts = [op for op in self.ops if any(p[0] == op for p in self.plans)]  # every op, unless one starts no plan
+        groups = list(zip(GROUPS, rng.sample(firsts, n_groups)))
+        for g, first in groups:
             nums = rng.sample(range(10, 100), families_per_group)
-            # a first op that starts fewer unambiguous plans than families_per_group gets only those families
-            # (n_ops=8: a group starting with inc or dec has one); train.py prints the families it got
-            for num, plan in zip(nums, rng.sample(candidates, min(families_per_group, len(candidates)))):
+            for num, plan in zip(nums, self._draw_plans(rng, first, families_per_group)):
                 fam = f"{g}{num:02d}"
                 self.families[fam] = plan
                 inputs = self._distinct_inputs(rng, n_train + n_heldout)
                 probs = [self._problem(fam, g, plan, s) for s in inputs]
                 self.train += probs[:n_train]
                 self.heldout += probs[n_train:]
+        # families RL never trains on, drawn after the RL families so that adding them leaves the RL table as it is;
+        # a family of a group shares only the group's first op with the others: that is all that transfers to it
+        for g, first in groups:
+            nums = rng.sample([n for n in range(10, 100) if f"{g}{n:02d}" not in self.families], n_unseen)
+            for num, plan in zip(nums, self._draw_plans(rng, first, n_unseen)):
+                fam = f"{g}{num:02d}"
+                self.families[fam] = plan
+                self.unseen += [self._problem(fam, g, plan, s) for s in self._distinct_inputs(rng, n_heldout)]
+
+    def _draw_plans(self, rng, first, k):
+        """k plans starting with first, distinct from every family's so far while there are enough; a first op
+        that starts fewer (plan_len 1 starts one) gives some families the same plan."""
+        fresh = [p for p in self.plans if p[0] == first and p not in self.families.values()]
+        picks = rng.sample(fresh, min(k, len(fresh)))
+        return picks + [rng.choice([p for p in self.plans if p[0] == first]) for _ in range(k - len(picks))]
 
     def _unambiguous_plans(self, rng):
         """All plans whose input-output map no other plan shares (checked on random probes): a passing

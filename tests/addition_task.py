@@ -21,7 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository, when run alone
 from verify import GROUPS, Problem  # noqa: E402
 
-COLUMN = re.compile(r"([0-9])\+([0-9])(\+1)?=([0-9]{1,2})")
+COLUMN = re.compile(r"([0-9])\+([0-9])(\+1)?=(1?[0-9])")  # a sum has no leading zero: 04 is not written
 
 
 def column_sums(a, b, plan):
@@ -48,18 +48,21 @@ def scratchpad(a, b, plan):
 
 
 class AdditionTask:
-    def __init__(self, digits=(2, 3), n_train=8, n_heldout=4, seed=0):
+    def __init__(self, digits=(2, 3), n_train=8, n_heldout=4, seed=0, n_unseen=1):
         if not digits or any(not 1 <= d <= 6 for d in digits) or len(digits) > len(GROUPS) or n_train < 1 or n_heldout < 1:
             raise ValueError("addition task: need 1 <= digits <= 6 and n_train, n_heldout >= 1")
         self.digits = tuple(digits)
         self.max_completion = 9 * max(digits) + max(digits) + 2  # 'x+y+1=ss|' per column, the answer, newline
         rng = random.Random(seed)
-        self.families, self.train, self.heldout = {}, [], []
+        self.families, self.train, self.heldout, self.unseen = {}, [], [], []
         for g, d in zip(GROUPS, self.digits):
             plans = [("add",) + rest for rest in itertools.product(("add", "adc"), repeat=d - 1)]
-            for num, plan in zip(rng.sample(range(10, 100), len(plans)), plans):
+            for k, (num, plan) in enumerate(zip(rng.sample(range(10, 100), len(plans)), plans)):
                 fam = f"{g}{num:02d}"
                 self.families[fam] = plan
+                if k < n_unseen:  # the group's first plans (all 'add'): families RL never trains on
+                    self.unseen += [self._problem(fam, g, a, b) for a, b in self._pairs(rng, d, plan, n_heldout)]
+                    continue
                 probs = [self._problem(fam, g, a, b) for a, b in self._pairs(rng, d, plan, n_train + n_heldout)]
                 self.train += probs[:n_train]
                 self.heldout += probs[n_train:]

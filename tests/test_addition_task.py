@@ -110,7 +110,8 @@ class DocumentedInterface:
     """Exactly the interface verify.py's docstring lists, no more: attempt(problem, rng, p_right) takes no p_slip."""
 
     def __init__(self, inner):
-        self.inner, self.train, self.heldout, self.max_completion = inner, inner.train, inner.heldout, inner.max_completion
+        self.inner, self.train, self.heldout, self.unseen = inner, inner.train, inner.heldout, inner.unseen
+        self.max_completion = inner.max_completion
 
     def verify(self, problem, completion):
         return self.inner.verify(problem, completion)

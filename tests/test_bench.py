@@ -21,7 +21,7 @@ def test_bench_runs_every_variant_and_reuses_finished_runs(tmp_path):
     args = TINY + ["--seeds=1,2", "--variants=grpo,frozen-policy"]
     p = bench(args, tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.count("held-out") >= 4 and "[4/4]" in p.stdout  # progress: one line per finished run
+    assert p.stdout.count("new inputs") >= 4 and "[4/4]" in p.stdout  # progress: one line per finished run
     table = lambda out: [l for l in out.splitlines() if l.startswith("| ") and not l.startswith("| method")]
     rows = table(p.stdout)
     assert [r.split("|")[1].strip() for r in rows] == ["grpo", "frozen-policy"]
@@ -29,6 +29,7 @@ def test_bench_runs_every_variant_and_reuses_finished_runs(tmp_path):
     assert len(records) == 4 and {(r["method"], r["seed"]) for r in records} == {(v, s) for v in ("grpo", "frozen-policy") for s in (1, 2)}
     for r in records:
         assert 0 <= r["heldout_acc"] <= 1 and r["rollouts"] == 4 * 2 * 2 and r["curve"][-1][1] == r["heldout_acc"]
+        assert 0 <= r["unseen_acc"] <= 1 and r["curve"][-1][2] == r["unseen_acc"] and 0 <= r["unseen_pass@16"] <= 1
         assert r["rollouts_to_80"] is None or r["rollouts_to_80"] in [c[0] for c in r["curve"]]
     try:  # matplotlib is optional: without it the benchmark says so and writes no plot
         import matplotlib  # noqa: F401
@@ -46,13 +47,31 @@ def test_bench_runs_every_variant_and_reuses_finished_runs(tmp_path):
     done = json.load(open(logs[1].parent / "done.json"))
     (logs[1].parent / "done.json").write_text(json.dumps(dict(done, args=done["args"] + ["--steps=2"])))
     third = bench(args, tmp_path)
-    assert third.returncode == 0 and third.stdout.count("held-out") >= 4
+    assert third.returncode == 0 and third.stdout.count("new inputs") >= 4
     assert [f.stat().st_mtime_ns != t for f, t in zip(logs, stamps)] == [True, True, False, False]
+
+
+def test_difficulty_sweep_runs_every_method_at_every_setting_and_resumes(tmp_path):
+    """--difficulty: the four methods at each knob value, a table per evaluation set with each value's initial success
+    rate, difficulty.json; a second call reruns nothing."""
+    args = TINY + ["--difficulty", "--knob=plan_len:1,2", "--seeds=1"]
+    p = bench(args, tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "[8/8]" in p.stdout and "new inputs:" in p.stdout and "unseen families:" in p.stdout
+    rows = [l for l in p.stdout.splitlines() if l.startswith("| ") and not l.startswith("| method")]
+    assert [r.split("|")[1].strip() for r in rows] == ["grpo", "sdpo", "rft", "pmd"] * 2
+    assert "plan_len=1 (start " in p.stdout and "plan_len=2 (start " in p.stdout
+    records = json.load(open(tmp_path / "bench" / "difficulty.json"))
+    assert sorted((r["method"], r["plan_len"]) for r in records) == sorted((m, k) for m in ("grpo", "sdpo", "rft", "pmd") for k in (1, 2))
+    assert all(0 <= r["start_pass1"] <= 1 and 0 <= r["unseen_acc"] <= 1 for r in records)
+    stamps = sorted(f.stat().st_mtime_ns for f in (tmp_path / "bench" / "runs").glob("*/log.txt"))
+    assert bench(args, tmp_path).returncode == 0
+    assert sorted(f.stat().st_mtime_ns for f in (tmp_path / "bench" / "runs").glob("*/log.txt")) == stamps
 
 
 def test_bench_errors_are_one_line(tmp_path):
     for args, msg in ((["--variants=pmd,ppo"], "unknown variant(s) ['ppo']"), (["--workers=x"], "bench option 'workers' expects int"),
-                      (["--lr=fast"], "config key 'lr' expects float")):
+                      (["--lr=fast"], "config key 'lr' expects float"), (["--difficulty", "--knob=plan_length:1"], "bench option 'knob'")):
         p = bench(TINY + args, tmp_path)
         assert p.returncode == 1 and p.stderr.strip().startswith("error:") and msg in p.stderr and "Traceback" not in p.stderr
 

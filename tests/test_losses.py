@@ -208,3 +208,15 @@ def test_token_logprobs_ignores_minus_one():
     i, j = 0, 2
     torch.testing.assert_close(lp[i, j], F.log_softmax(s[i, j], -1)[tg[i, j]])
     assert torch.equal(lp[tg < 0], torch.zeros(int((tg < 0).sum())))
+
+
+def test_pg_loss_is_a_mean_over_informative_rollouts_only():
+    """A rollout with zero advantage (its group all passed or all failed) adds nothing and does not dilute the others:
+    the loss equals the token mean over the rollouts with a nonzero advantage."""
+    s = logits(0)
+    tg, m = targets_and_mask((4, 4, 4))
+    lp = token_logprobs(s, tg)
+    adv = torch.tensor([1.0, -1.0, 0.0])
+    want = -(adv[:2, None] * lp[:2] * m[:2]).sum() / m[:2].sum()
+    torch.testing.assert_close(pg_loss(lp, adv, m), want)
+    assert pg_loss(lp, torch.zeros(3), m).item() == 0

@@ -87,3 +87,26 @@ def test_clock_charges_every_phase_of_a_step():
     times = {}
     run(cfg(), Memory(), clock=Clock(times))
     assert set(times) == {"rollout", "verify", "memory", "student", "teacher"} and all(t > 0 for t in times.values())
+
+
+def test_memory_successes_are_the_families_passing_trajectories():
+    """The replay control's buffer: every passing trajectory the memory keeps for the batch's families, split back into
+    the prompt it answered and its completion (newline included); failures and other families are left out."""
+    p, q = TASK.train[0], next(p for p in TASK.train if p.family != TASK.train[0].family)
+    mem = Memory()
+    mem.update([Rollout(p, TASK.solve(p), [], [], 1, "ok", None), Rollout(p, "rev|x\n", [], [], 0, "bad steps", None),
+                Rollout(q, TASK.solve(q), [], [], 1, "ok", None)])
+    assert pmd.memory_successes(mem, [p]) == [("", p.prompt, TASK.solve(p))]
+    assert pmd.memory_successes(mem, [q, p, p]) == [("", q.prompt, TASK.solve(q)), ("", p.prompt, TASK.solve(p))]
+
+
+def test_rft_step_imitates_the_memory_successes():
+    """method rft: no teacher; with successes in the memory the loss is their cross-entropy (> 0, with a gradient),
+    without any it is zero."""
+    _, loss, stats = run(cfg(method="rft"), Memory(), reflect=False)
+    assert loss.item() == 0 and stats["imitated"] == 0 and "teacher_frac" not in stats
+    mem = Memory()
+    mem.update([Rollout(p, TASK.solve(p), [], [], 1, "ok", None) for p in TASK.train])
+    model, loss, stats = run(cfg(method="rft"), mem, reflect=False)
+    assert stats["imitated"] == sum(p.family in {q.family for q in PROBLEMS} for p in TASK.train) and loss.item() > 0
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.parameters())

@@ -35,12 +35,12 @@ def test_sdpo_shows_the_first_successful_sibling_other_than_itself():
     assert rolls[1].completion not in ctx[1] and rolls[2].completion not in ctx[2]
 
 
-def test_sdpo_failed_sample_gets_the_demo_and_its_own_feedback():
-    """A failed sample's context is the first success, then its own trace with its feedback."""
+def test_sdpo_failed_sample_gets_the_demo_and_never_its_own_trace():
+    """A failed sample's context is the first success alone: its own failed trace is not shown (a teacher shown it
+    raises the failed plan's probability)."""
     rolls = group("A10", [0, 1, 1])
     ctx = teacher_contexts("sdpo", rolls, G)
-    assert ctx[0] == line(rolls[1]) + line(rolls[0])
-    assert ctx[0].endswith(" 0 wrong plan\n")
+    assert ctx[0] == line(rolls[1]) and rolls[0].completion.strip() not in ctx[0]
 
 
 def test_sdpo_lone_success_is_masked():
@@ -48,7 +48,7 @@ def test_sdpo_lone_success_is_masked():
     rolls = group("A10", [0, 1, 0])
     ctx = teacher_contexts("sdpo", rolls, G)
     assert ctx[1] is None
-    assert ctx[0] == line(rolls[1]) + line(rolls[0]) and ctx[2] == line(rolls[1]) + line(rolls[2])
+    assert ctx[0] == ctx[2] == line(rolls[1])
 
 
 def test_sdpo_groups_are_independent():
@@ -56,14 +56,17 @@ def test_sdpo_groups_are_independent():
     rolls = group("A10", [1, 1, 0]) + group("B10", [0, 0, 1])
     ctx = teacher_contexts("sdpo", rolls, G)
     assert all("A10:" in c for c in ctx[:3]) and all("B10:" not in c for c in ctx[:3])
-    assert ctx[3] == line(rolls[5]) + line(rolls[3])
+    assert ctx[3] == ctx[4] == line(rolls[5]) and ctx[5] is None
 
 
-def test_sdpo_group_without_success_shows_feedback_only():
-    """A group with no success has no demonstration, but each failed sample still has its verifier feedback:
-    its context is that one line (only samples with neither are masked)."""
-    rolls = group("A10", [0, 0, 0])
-    assert teacher_contexts("sdpo", rolls, G) == [line(r) for r in rolls]
+def test_sdpo_group_without_success_is_masked():
+    """A group with no success has no demonstration: every sample is masked out, as in SDPO without feedback."""
+    assert teacher_contexts("sdpo", group("A10", [0, 0, 0]), G) == [None] * G
+
+
+def test_rft_has_no_teacher_context():
+    """The replay control imitates the memory's successes: the teacher is shown nothing."""
+    assert teacher_contexts("rft", group("A10", [1, 0, 1]), G) == [None] * G
 
 
 def test_pmd_contexts_are_the_memory_render():

@@ -64,9 +64,12 @@ def test_metrics_records(runs, method):
     """metrics.jsonl starts at step 0 with 0 rollouts, then logs every eval_interval and the last step, cumulatively."""
     recs = metrics(runs[method])
     assert [r["step"] for r in recs] == [0, 2, 3]
-    for r in recs:
-        assert {"step", "method", "rollouts", "heldout_acc", "teacher_acc"} <= set(r) and r["method"] == method
+    passes = {f"{s}_pass@{k}" for s in ("heldout", "unseen") for k in (1, 4, 16)}
+    for i, r in enumerate(recs):
+        assert {"step", "method", "rollouts", "heldout_acc", "teacher_acc", "unseen_acc", "teacher_unseen_acc"} <= set(r) and r["method"] == method
+        assert (passes <= set(r)) == (i in (0, len(recs) - 1)) and all(0 <= r[k] <= 1 for k in passes & set(r))  # pass@k at the ends
         assert r["rollouts"] == r["step"] * PPS * GS and 0 <= r["heldout_acc"] <= 1 and 0 <= r["teacher_acc"] <= 1
+    assert recs[0]["heldout_pass@1"] <= recs[0]["heldout_pass@4"] <= recs[0]["heldout_pass@16"]
     assert all(a["rollouts"] < b["rollouts"] for a, b in zip(recs, recs[1:]))
     assert "reward" not in recs[0] and all(0 <= r["reward"] <= 1 for r in recs[1:])
 
@@ -131,5 +134,19 @@ def test_out_of_range_settings_are_refused(arg):
 
 def test_valid_overrides_are_typed():
     """--key=value is converted to the default's type."""
-    c = train.parse_args(["--steps=7", "--lr=0.5", "--adv_std=true", "--method=sdpo", "--topk=8"], DEFAULTS)
-    assert (c.steps, c.lr, c.adv_std, c.method, c.topk) == (7, 0.5, True, "sdpo", 8)
+    c = train.parse_args(["--steps=7", "--lr=0.5", "--adv_std=false", "--method=sdpo", "--topk=8"], DEFAULTS)
+    assert (c.steps, c.lr, c.adv_std, c.method, c.topk) == (7, 0.5, False, "sdpo", 8)
+
+
+def test_pass_at_k_is_the_unbiased_estimate(monkeypatch):
+    """With r of n = 16 samples right, pass@k is 1 - C(16 - r, k) / C(16, k), averaged over problems: pass@1 is the share
+    of right samples, pass@16 the share of problems with any right sample."""
+    from types import SimpleNamespace
+    from verify import HiddenProcedures
+    task = HiddenProcedures(n_train=1, n_heldout=1)
+    probs, right = task.heldout[:3], (0, 1, 16)
+    comps = [[task.solve(p) if j < r else "x\n" for j in range(16)] for p, r in zip(probs, right)]
+    monkeypatch.setattr(train, "generate", lambda *a, **k: ([list(y.encode()) for c in comps for y in c], None))
+    got = train.pass_at_k(None, task, probs, SimpleNamespace(seed=0, temperature=1.0), "cpu")
+    assert got[1] == pytest.approx((0 + 1 / 16 + 1) / 3) and got[16] == pytest.approx(2 / 3)
+    assert got[4] == pytest.approx((0 + 4 / 16 + 1) / 3) and train.pass_at_k(None, task, [], None, "cpu") == {}

@@ -123,7 +123,7 @@ def test_fuzz_random_strings_never_raise_and_verdicts_are_consistent():
 
 
 def _table(task):
-    return sorted(task.families.items()), [p.pid for p in task.train], [p.pid for p in task.heldout]
+    return sorted(task.families.items()), [p.pid for p in task.train], [p.pid for p in task.heldout], [p.pid for p in task.unseen]
 
 
 def test_family_table_is_deterministic_per_seed():
@@ -135,7 +135,7 @@ def test_family_table_is_deterministic_per_seed():
 def test_family_table_does_not_depend_on_string_hashing():
     """Two processes with different PYTHONHASHSEED build the same table."""
     code = ("import hashlib, verify; t = verify.HiddenProcedures(); "
-            "print(hashlib.sha1(repr((sorted(t.families.items()), t.train, t.heldout)).encode()).hexdigest())")
+            "print(hashlib.sha1(repr((sorted(t.families.items()), t.train, t.heldout, t.unseen)).encode()).hexdigest())")
     outs = {subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
                            env=dict(subprocess_env(), PYTHONHASHSEED=str(h))).stdout for h in (1, 2)}
     assert len(outs) == 1
@@ -161,7 +161,7 @@ def test_families_of_a_group_share_their_first_op():
 def test_family_plans_are_unambiguous_on_the_task_inputs():
     """No other plan reproduces a family's outputs on all of that family's inputs."""
     inputs = {}
-    for p in TASK.train + TASK.heldout:
+    for p in TASK.train + TASK.heldout + TASK.unseen:
         inputs.setdefault(p.family, []).append(inp(p))
     for fam, plan in TASK.families.items():
         want = [run_plan(plan, s)[-1] for s in inputs[fam]]
@@ -177,6 +177,31 @@ def test_max_completion_fits_every_reference_completion():
 
 def test_bad_task_settings_raise_value_error():
     """Out-of-range knobs are refused with a ValueError."""
-    for kw in (dict(plan_len=0), dict(n_ops=1), dict(n_groups=0), dict(input_len=1), dict(n_train=0)):
+    for kw in (dict(plan_len=0), dict(n_ops=1), dict(n_groups=0), dict(input_len=1), dict(n_train=0), dict(n_unseen=-1)):
         with pytest.raises(ValueError):
             HiddenProcedures(**kw)
+
+
+def test_unseen_families_are_new_families_of_the_rl_groups():
+    """Unseen families are never RL families (ids and problems disjoint), n_unseen of them per RL group, each sharing
+    its group's first op, with n_heldout inputs each; their references pass."""
+    rl = {p.family for p in TASK.train}
+    unseen = {p.family for p in TASK.unseen}
+    assert unseen and not unseen & rl and {p.family for p in TASK.heldout} == rl
+    assert sorted(f[0] for f in unseen) == sorted("ABC" * 2) and len(TASK.unseen) == len(unseen) * 8
+    first = {TASK.families[f][0] for f in rl if f[0] == "A"}
+    assert {TASK.families[f][0] for f in unseen if f[0] == "A"} == first
+    assert all(TASK.verify(p, TASK.solve(p)) == (1, "ok") for p in TASK.unseen)
+
+
+def test_unseen_families_leave_the_rl_table_as_it_is():
+    """The unseen families are drawn after the RL families: with or without them, the RL problems are the same."""
+    with_, without = HiddenProcedures(), HiddenProcedures(n_unseen=0)
+    assert (with_.train, with_.heldout) == (without.train, without.heldout) and not without.unseen
+
+
+def test_a_group_with_too_few_plans_repeats_plans_instead_of_losing_families():
+    """plan_len 1: one plan starts with each op, so every family of a group shares it; none is dropped."""
+    t = HiddenProcedures(plan_len=1)
+    assert len({p.family for p in t.train}) == 12 and len({p.family for p in t.unseen}) == 6
+    assert all(len({plan for f, plan in t.families.items() if f[0] == g}) == 1 for g in "ABC")
