@@ -59,7 +59,7 @@ block_size = 256
 # warm-up: executing procedures and reading memory lines, on groups never used in RL
 warmup_steps = 1200
 warmup_batch = 32
-warmup_lr = 1e-3
+warmup_lr = 2e-3  # at 1e-3 whether the model learns to read a context within 1200 steps hangs on the data's order
 warmup_seed = 0
 # RL
 method = "pmd"  # 'grpo', 'sdpo', 'pmd' or 'rft' (the replay control: imitate the memory's verified successes, no teacher)
@@ -342,6 +342,21 @@ def warmup(c, task, device):
         model.load_state_dict(load_checkpoint(path)["model"])
         print(f"warm-up: loaded {path}")
         return model
+    # one CPU thread: with two, some kernels add in a varying order, and whether the warm-up learns to read a context
+    # hangs on such small differences (README, Speed); one thread gives the same weights in every process
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_warmup(model, c, task, device)
+    finally:
+        torch.set_num_threads(threads)
+    os.makedirs(c.cache_dir, exist_ok=True)
+    atomic_save(dict(model=model.state_dict(), config=vars(c)), path)
+    return model
+
+
+def train_warmup(model, c, task, device):
+    """Supervised steps on fresh warm-up groups (pmd.warmup_example): executing a plan, reading a memory's context."""
     rng = random.Random(c.warmup_seed)
     opt = torch.optim.AdamW(model.parameters(), lr=c.warmup_lr, weight_decay=0.0)
     settings = memory_settings(c)
@@ -362,9 +377,6 @@ def warmup(c, task, device):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    os.makedirs(c.cache_dir, exist_ok=True)
-    atomic_save(dict(model=model.state_dict(), config=vars(c)), path)
-    return model
 
 
 # -----------------------------------------------------------------------------

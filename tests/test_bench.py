@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import bench as bench_module
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--warmup_steps=3", "--warmup_batch=8", "--prompts_per_step=2",
@@ -64,6 +66,9 @@ def test_difficulty_sweep_runs_every_method_at_every_setting_and_resumes(tmp_pat
     records = json.load(open(tmp_path / "bench" / "difficulty.json"))
     assert sorted((r["method"], r["plan_len"]) for r in records) == sorted((m, k) for m in ("grpo", "sdpo", "rft", "pmd") for k in (1, 2))
     assert all(0 <= r["start_pass1"] <= 1 and 0 <= r["unseen_acc"] <= 1 for r in records)
+    for k in (1, 2):  # a setting's own arguments (its warm-up learning rate) reach every run of that setting
+        args_k = json.load(open(tmp_path / "bench" / "runs" / f"pmd-plan_len{k}-s1" / "done.json"))["args"]
+        assert set(bench_module.SETTING_ARGS.get(("plan_len", k), [])) <= set(args_k) and f"--plan_len={k}" in args_k
     stamps = sorted(f.stat().st_mtime_ns for f in (tmp_path / "bench" / "runs").glob("*/log.txt"))
     assert bench(args, tmp_path).returncode == 0
     assert sorted(f.stat().st_mtime_ns for f in (tmp_path / "bench" / "runs").glob("*/log.txt")) == stamps
