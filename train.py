@@ -588,6 +588,7 @@ def main(argv, task=None):
             saved = it + 1
         bar.set_postfix(reward=f"{stats['reward']:.2f}", heldout=f"{last.get('heldout_acc', before):.2f}", teacher=f"{last.get('teacher_acc', 0):.2f}")
     if world > 1:
+        dist.barrier()  # rank 0 evaluates (pass@k at the end) while the others wait: none tears down the group early
         dist.destroy_process_group()
     if not master:
         return
