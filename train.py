@@ -303,9 +303,9 @@ def headroom(model, task, c, device):
     return rows
 
 
-def evaluate(model, teacher, task, memory, c, device, final=False):
+def evaluate(model, teacher, task, memory, c, device, pass_k=False):
     """Greedy accuracy of the memory-free student and of the teacher reading the memory, on both evaluation sets
-    (heldout_acc, teacher_acc; unseen_acc, teacher_unseen_acc); at the start and the end (final) also the student's
+    (heldout_acc, teacher_acc; unseen_acc, teacher_unseen_acc); with pass_k (at a run's start and end) also the student's
     pass@k on both."""
     model.eval()
     levels = [l for l in c.memory_levels.split(",") if l]
@@ -314,7 +314,7 @@ def evaluate(model, teacher, task, memory, c, device, final=False):
         probs, tag = getattr(task, name), "" if name == "heldout" else f"{name}_"
         out[f"{name}_acc"] = accuracy(model, task, probs, [""] * len(probs), device)
         out[f"teacher_{tag}acc"] = accuracy(teacher, task, probs, [memory.render(p, levels) for p in probs], device)
-        if final:
+        if pass_k:
             out.update({f"{name}_pass@{k}": v for k, v in pass_at_k(model, task, probs, c, device).items()})
     model.train()
     return out
@@ -526,11 +526,11 @@ def main(argv, task=None):
     elif master:
         open(metrics_path, "w").close()
 
-    def log(step_, extra, final=False):
+    def log(step_, extra, pass_k=False):
         if not master:  # evaluation runs on rank 0 only
             return {}
         rec = dict(step=step_, method=c.method, rollouts=run.rollouts,
-                   **evaluate(model, teacher, task, memory, c, device, final), **extra)
+                   **evaluate(model, teacher, task, memory, c, device, pass_k), **extra)
         with open(metrics_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         return rec
@@ -566,7 +566,7 @@ def main(argv, task=None):
 
     run.gather = gather
     if run.step == 0:
-        before = log(0, {}, final=True).get("heldout_acc", 0.0)
+        before = log(0, {}, pass_k=True).get("heldout_acc", 0.0)
     else:
         before = json.loads(open(metrics_path).readline())["heldout_acc"] if master else 0.0
     bar = tqdm(range(run.step, c.steps), desc=c.method, dynamic_ncols=True, initial=run.step, total=c.steps, disable=not master)
@@ -582,7 +582,7 @@ def main(argv, task=None):
             where = f"the last good checkpoint, {ckpt_path} (step {saved}), is intact" if saved is not None else "no checkpoint was written"
             raise ValueError(f"{nonfinite} consecutive steps with a non-finite loss or gradient norm (steps {it + 2 - nonfinite}-{it + 1}); stopped, {where}")
         if (it + 1) % c.eval_interval == 0 or it + 1 == c.steps:
-            last = log(it + 1, dict(reward=sum(rewards) / len(rewards)), final=it + 1 == c.steps)  # mean since the last evaluation
+            last = log(it + 1, dict(reward=sum(rewards) / len(rewards)), pass_k=it + 1 == c.steps)  # mean since the last evaluation
             rewards = []
             save(it + 1)
             saved = it + 1
