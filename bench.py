@@ -62,7 +62,13 @@ SWEEP_TASK = ["--plan_len=2", *SETTING_ARGS["plan_len", 2]]
 SWEEP_SEEDS = (101, 102)
 EVERY = ["--eval_interval=10"]  # curves at every 640 rollouts (train.py's default evaluates half as often)
 # --difficulty's knob and its settings: a random plan is right about 1 time in 6, 36, 216, 1296
-BENCH = dict(seeds="1337,1,2", variants=",".join(VARIANTS), workers=2, bench_dir="out/bench", knob="plan_len:1,2,3,4")
+BENCH = dict(  # bench.py's own options, --key=value; each comment starts with what is allowed, checked before any work
+    seeds="1337,1,2",  # distinct ints in [0, 4294967295], comma-separated
+    variants=",".join(VARIANTS),  # names in VARIANTS, comma-separated
+    workers=2,  # [1, inf): runs at once, the cores split between them
+    bench_dir="out/bench",  # a writable directory
+    knob="plan_len:1,2,3,4",  # a train.py setting and its values: --difficulty's knob
+)
 SETS = dict(heldout="new inputs", unseen="unseen families")  # the two evaluation sets, as tables name them
 
 
@@ -113,7 +119,10 @@ def run_one(name, args, bench_dir, threads):
 
 def run_all(jobs, bench_dir, workers, settings):
     """jobs: (name, train.py args). The warm-up of each of settings (lists of train.py arguments) is trained first,
-    one at a time on all cores; then the runs go in parallel."""
+    one at a time on all cores; then the runs go in parallel. Every run's arguments are checked before any work."""
+    for _, args in jobs:
+        train.configure(args)
+    os.makedirs(bench_dir, exist_ok=True)
     for common in settings:
         c, task, device, _, _ = train.setup(common + [f"--out_dir={tempfile.mkdtemp()}"])
         train.warmup(c, task, device)
@@ -229,8 +238,8 @@ def save_json(obj, path):
 def variant_list(opts):
     variants = [v for v in opts["variants"].split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    if unknown or not variants:
+        raise ValueError(f"variants={opts['variants']!r} is not allowed: names in {list(VARIANTS)}, comma-separated")
     return variants
 
 
@@ -283,7 +292,7 @@ def knob_values(spec):
     """'plan_len:1,2,3,4' -> ('plan_len', [1, 2, 3, 4]), each value checked as a train.py setting."""
     knob, _, vals = spec.partition(":")
     if knob not in train.CONFIG_KEYS or not vals:
-        raise ValueError(f"bench option 'knob' expects a train.py setting and its values, like plan_len:1,2,3,4; got {spec!r}")
+        raise ValueError(f"knob={spec!r} is not allowed: a train.py setting and its values, like plan_len:1,2,3,4")
     values = [vars(train.parse_args([f"--{knob}={v}"], {k: getattr(train, k) for k in train.CONFIG_KEYS}))[knob] for v in vals.split(",")]
     return knob, values
 
@@ -484,13 +493,24 @@ def main(argv):
                 raise ValueError(f"bench option {key!r} expects {type(BENCH[key]).__name__}, got {val!r}") from None
         else:
             common.append(a)
-    train.parse_args(common, {k: getattr(train, k) for k in train.CONFIG_KEYS})  # a bad setting fails now, not in every run
-    if opts["workers"] < 1:
-        raise ValueError(f"workers must be >= 1, got {opts['workers']}")
+    check_options(opts)
+    train.configure(common)  # a bad setting fails now; run_all checks every run's own arguments before any run starts
     if mode == "speed":
         return speed(common)
-    os.makedirs(opts["bench_dir"], exist_ok=True)
     dict(bench=bench, sweep=sweep, difficulty=difficulty)[mode](opts, common)
+
+
+def check_options(opts):
+    """bench.py's own options (BENCH), before any work."""
+    seeds = opts["seeds"].split(",")
+    if not all(s.isdigit() and int(s) <= 4294967295 for s in seeds) or len(set(map(int, seeds))) < len(seeds):
+        raise ValueError(f"seeds={opts['seeds']!r} is not allowed: distinct ints in [0, 4294967295], comma-separated")
+    variant_list(opts)
+    if opts["workers"] < 1:
+        raise ValueError(f"workers={opts['workers']} is not allowed: [1, inf)")
+    if not opts["bench_dir"]:
+        raise ValueError("bench_dir is empty: a directory is needed")
+    knob_values(opts["knob"])
 
 
 if __name__ == "__main__":

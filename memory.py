@@ -250,8 +250,12 @@ def describe(mem):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if sys.argv[1:] in (["-h"], ["--help"]):
+        sys.exit(print(__doc__))
+    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
         sys.exit("usage: python memory.py out/memory.json")
+    if os.path.isdir(sys.argv[1]):
+        sys.exit(f"error: {sys.argv[1]} is a directory; give the memory file in it, like {os.path.join(sys.argv[1], 'memory.json')}")
     try:
         print(describe(Memory.load(sys.argv[1])))
     except ValueError as e:

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from types import SimpleNamespace
@@ -28,85 +29,110 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from memory import LEVELS, SETTINGS as MEMORY_DEFAULTS, Memory
-from model import GPT, GPTConfig, encode, decode, generate
+from model import GPT, GPTConfig, VOCAB_SIZE, encode, decode, generate
 from pmd import Clock, Rollout, ema_update, make_teacher, sft_loss, step as pmd_step, warmup_example
-from verify import HiddenProcedures
+from verify import HiddenProcedures, check_settings as check_task_settings, sizes as task_sizes
 
 # -----------------------------------------------------------------------------
 # config: the one source of truth; each line is overridable as --key=value
+# Each comment starts with what is allowed, checked before any work: [lo, hi] (a round bracket leaves its end out;
+# a float must be finite) or a|b|c (N: any number).
 # I/O
-out_dir = "out"  # ckpt.pt, memory.json, metrics.jsonl
-init_from = "scratch"  # 'scratch' (warm-up checkpoint, then RL) or 'resume' (continue the run in out_dir)
-cache_dir = "cache"  # warm-up checkpoints, keyed by everything they depend on, shared by all methods and seeds
-device = "auto"  # 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
+out_dir = "out"  # a writable directory: ckpt.pt, memory.json, metrics.jsonl
+init_from = "scratch"  # scratch|resume: the warm-up checkpoint, then RL; or continue the run in out_dir
+cache_dir = "cache"  # a directory: warm-up checkpoints, keyed by everything they depend on, shared by all methods and seeds
+device = "auto"  # auto|cpu|cuda|cuda:N: auto is cuda if available, else cpu
 compile = False  # torch.compile the student (CUDA)
-seed = 1337  # RL seed: problem order, sampling
+seed = 1337  # [0, 4294967295]: RL seed: problem order, sampling
 # task (the built-in hidden-procedure task; its difficulty knobs)
-plan_len = 3  # ops per hidden plan
-n_ops = 6  # ops to choose from
-n_groups = 3  # RL groups (families of a group share their first op)
-families_per_group = 4
-input_len = 5  # letters per input string
-n_train = 32  # RL inputs per family
-n_heldout = 8  # held-out inputs per family (evaluation only), and inputs per unseen family
-n_unseen = 2  # families per group that RL never trains on (evaluation only: what transfers to a new problem)
-task_seed = 0  # the family table
+plan_len = 3  # [1, 6]: ops per hidden plan
+n_ops = 6  # [2, 8]: ops to choose from
+n_groups = 3  # [1, 8]: RL groups (families of a group share their first op; at most n_ops)
+families_per_group = 4  # [1, 86]: RL families per group (with n_unseen at most 86: ids 10-99, a few kept for warm-up)
+input_len = 5  # [2, 12]: letters per input string
+n_train = 32  # [1, inf): RL inputs per family (with n_heldout at most the 12**input_len distinct inputs)
+n_heldout = 8  # [1, inf): held-out inputs per family (evaluation only), and inputs per unseen family
+n_unseen = 2  # [0, 85]: families per group that RL never trains on (evaluation only: what transfers to a new problem)
+task_seed = 0  # [0, 4294967295]: the family table
 # model
-n_layer = 3
-n_head = 4
-n_embd = 128
-block_size = 256
+n_layer = 3  # [1, inf)
+n_head = 4  # [1, inf): n_embd / n_head must be an even number (rotary embeddings rotate pairs)
+n_embd = 128  # [2, inf)
+block_size = 256  # [1, inf): tokens a sequence may hold: memory budget + prompt + completion must fit
 # warm-up: executing procedures and reading memory lines, on groups never used in RL
-warmup_steps = 1200
-warmup_batch = 32
-warmup_lr = 2e-3  # at 1e-3 whether the model learns to read a context within 1200 steps hangs on the data's order
-warmup_seed = 0
+warmup_steps = 1200  # [0, inf): 0 starts RL from an untrained model
+warmup_batch = 32  # [1, inf)
+warmup_lr = 2e-3  # (0, 1]: at 1e-3 whether the model learns to read a context within 1200 steps hangs on the data's order
+warmup_seed = 0  # [0, 4294967295]
 # RL
-method = "pmd"  # 'grpo', 'sdpo', 'pmd' or 'rft' (the replay control: imitate the memory's verified successes, no teacher)
-steps = 200  # RL steps
-prompts_per_step = 8  # problems per step
-group_size = 8  # samples per problem (G)
-temperature = 1.0
-lr = 3e-4  # RL learning rate: PMD's best in `python bench.py --sweep` (bench.TUNED has every method's)
-lr_warmup = 20  # steps of linear learning-rate ramp at the start of RL (a fresh Adam's first steps move every weight by lr)
-grad_clip = 1.0
-max_nonfinite = 5  # a step with a non-finite loss or gradient norm is skipped; this many in a row stop the run
-replay = 16  # warm-up examples with a context mixed into every RL step (keeps the teacher able to read it)
-replay_weight = 1.0  # the replay loss's weight beside the method's own loss (PMD's best, as lr)
-eval_interval = 20  # steps between evaluations (and checkpoints)
+method = "pmd"  # grpo|sdpo|pmd|rft: rft is the replay control (imitate the memory's verified successes, no teacher)
+steps = 200  # [1, inf): RL steps
+prompts_per_step = 8  # [1, inf): problems per step (at most the training problems; a multiple of the ranks)
+group_size = 8  # [1, inf): samples per problem (G)
+temperature = 1.0  # [0, inf): sampling temperature; 0 is greedy
+lr = 3e-4  # (0, 1]: RL learning rate: PMD's best in `python bench.py --sweep` (bench.TUNED has every method's)
+lr_warmup = 20  # [0, inf): steps of linear learning-rate ramp at the start of RL (a fresh Adam's first steps move every weight by lr)
+grad_clip = 1.0  # (0, inf): gradient norm clip
+max_nonfinite = 5  # [1, inf): a step with a non-finite loss or gradient norm is skipped; this many in a row stop the run
+replay = 16  # [0, inf): warm-up examples with a context mixed into every RL step (keeps the teacher able to read it)
+replay_weight = 1.0  # [0, inf): the replay loss's weight beside the method's own loss (PMD's best, as lr)
+eval_interval = 20  # [1, inf): steps between evaluations (and checkpoints)
 # loss
-alpha = 0.0  # 0 forward KL(teacher||student), 1 reverse KL, between: generalised JSD
-topk = 0  # >0: distil over the student's top-k tokens plus a tail bucket
-sampled_token = False  # the sampled-token reverse-KL estimator instead of the full distribution
-is_clip = 0.0  # >0: importance-sampling weight min(p/p_old, is_clip)
-pg_weight = 0.0  # >0: add the GRPO term to SDPO / PMD with this weight
+alpha = 0.0  # [0, 1]: 0 forward KL(teacher||student), 1 reverse KL, between: generalised JSD
+topk = 0  # [0, 256]: >0: distil over the student's top-k tokens plus a tail bucket (256 tokens in all)
+sampled_token = False  # the sampled-token reverse-KL estimator instead of the full distribution (not with topk)
+is_clip = 0.0  # [0, inf): >0: importance-sampling weight min(p/p_old, is_clip)
+pg_weight = 0.0  # [0, inf): >0: add the GRPO term to SDPO / PMD with this weight
 adv_std = True  # divide GRPO advantages by the group's std (GRPO as published; Dr. GRPO drops it)
 # teacher
-teacher = "ema"  # 'live', 'ema' or 'frozen' weights
-ema_rate = 0.05
+teacher = "ema"  # live|ema|frozen: the teacher's weights
+ema_rate = 0.05  # [0, 1]
 # memory
-memory_levels = "experience,insight,pattern"  # what PMD's teacher is shown
-memory_steps = -1  # steps whose rollouts update the memory, after which it stays as it is (frozen memory); -1: every step
-memory_from = "student"  # whose rollouts feed the memory: the 'student', or a frozen copy of the 'initial' policy (frozen policy)
-mem_max_families = 256
-mem_max_experiences = 8
-mem_max_insights = 16
-mem_max_patterns = 8
-mem_min_agree = 2
-mem_min_support = 2
-mem_budget = 160  # characters of context per problem
+memory_levels = "experience,insight,pattern"  # experience|insight|pattern, comma-separated: what PMD's teacher is shown
+memory_steps = -1  # [-1, inf): steps whose rollouts update the memory, after which it stays as it is (frozen memory); -1: every step
+memory_from = "student"  # student|initial: whose rollouts feed the memory: the student, or a frozen copy of the initial policy (frozen policy)
+mem_max_families = 256  # [1, inf): families kept (memory.SETTINGS)
+mem_max_experiences = 8  # [1, inf): raw trajectories kept per family (memory.SETTINGS)
+mem_max_insights = 16  # [1, inf): strategies and lessons kept per family (memory.SETTINGS)
+mem_max_patterns = 8  # [1, inf): patterns kept per group (memory.SETTINGS)
+mem_min_agree = 2  # [1, inf): net passing inputs before a strategy is confirmed (memory.SETTINGS)
+mem_min_support = 2  # [1, inf): confirmed families sharing a step before it is a pattern (memory.SETTINGS)
+mem_budget = 160  # [0, inf): characters of context per problem
 # -----------------------------------------------------------------------------
 CONFIG_KEYS = [k for k, v in dict(globals()).items() if not k.startswith("_") and k.islower() and isinstance(v, (int, float, bool, str))]
 CONFIG_KEYS = CONFIG_KEYS[CONFIG_KEYS.index("out_dir") :]
 
 
+def config_block():
+    return open(__file__).read().split("# config:", 1)[1].split("# ------", 1)[0]
+
+
+def allowed_values():
+    """Each setting's allowed values, read from the start of its comment in the config block (what a reader sees is
+    what is checked): key -> (text, test) with test(value) -> bool; None where any value of the type will do."""
+    specs = {}
+    for line in config_block().splitlines():
+        m = re.match(r"(\w+) = .*?  # (.*)", line)
+        if not m or m[1] not in CONFIG_KEYS:
+            continue
+        key, comment = m[1], m[2]
+        if r := re.match(r"([\[(])([^,\s]+), ([^\])\s]+)([\])])", comment):  # an interval
+            lo, hi = float(r[2]), float(r[3])
+            specs[key] = (r[0], lambda v, r=r, lo=lo, hi=hi: (lo < v if r[1] == "(" else lo <= v) and (v < hi if r[4] == ")" else v <= hi))
+        elif r := re.match(r"\w+(?::N)?(\|\w+(?::N)?)+(, comma-separated)?", comment):  # choices, or a comma list of them
+            one = re.compile("|".join(re.escape(o).replace("N", r"\d+") for o in r[0].split(",")[0].split("|")))
+            specs[key] = (r[0], (lambda v, one=one: all(one.fullmatch(x) for x in v.split(",") if x)) if r[2] else one.fullmatch)
+        else:
+            specs[key] = None
+    return specs
+
+
 def parse_args(argv, defaults):
-    """--key=value overrides, typed by the default; a clear one-line error for anything else."""
+    """--key=value overrides, typed by the default, then checked (check_config); a one-line error for anything else."""
     cfg = dict(defaults)
     for arg in argv:
-        if arg in ("-h", "--help"):  # the docstring, then the config block itself: every key, default and comment
-            block = open(__file__).read().split("# config:", 1)[1].split("# ------", 1)[0]
-            print(__doc__ + "\nSettings (override as --key=value):\n# config:" + block)
+        if arg in ("-h", "--help"):  # the docstring, then the config block itself: every key, default, range and comment
+            print(__doc__ + "\nSettings (override as --key=value):\n# config:" + config_block())
             sys.exit(0)
         if not arg.startswith("--") or "=" not in arg:
             raise ValueError(f"argument {arg!r}: expected --key=value")
@@ -128,33 +154,93 @@ def parse_args(argv, defaults):
 
 
 def check_config(c):
-    choices = dict(init_from=("scratch", "resume"), method=("grpo", "sdpo", "pmd", "rft"), teacher=("live", "ema", "frozen"),
-                   memory_from=("student", "initial"))
-    for k, allowed in choices.items():
-        if c[k] not in allowed:
-            raise ValueError(f"config key {k!r} must be one of {allowed}, got {c[k]!r}")
-    levels = [l for l in c["memory_levels"].split(",") if l]
-    if any(l not in LEVELS for l in levels):
-        raise ValueError(f"memory_levels must be a comma list of {LEVELS}, got {c['memory_levels']!r}")
-    if not 0 <= c["alpha"] <= 1:
-        raise ValueError(f"alpha must be in [0, 1], got {c['alpha']}")
+    """Every setting alone (its comment's range or set), then the combinations that cannot work."""
+    for key, spec in allowed_values().items():
+        v = c[key]
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{key}={v} is not a finite number (allowed: {spec[0]})")
+        if isinstance(v, str) and not v and key.endswith("_dir"):
+            raise ValueError(f"{key} is empty: a directory is needed")
+        if spec and not spec[1](v):
+            raise ValueError(f"{key}={v!r} is not allowed: {spec[0]}")
+    if (c["n_embd"] % c["n_head"]) or (c["n_embd"] // c["n_head"]) % 2:
+        raise ValueError(f"n_embd={c['n_embd']} / n_head={c['n_head']} must be an even whole number (a head's size; rotary embeddings rotate pairs)")
     if c["sampled_token"] and c["topk"]:
-        raise ValueError("sampled_token and topk exclude each other (the sampled-token form uses one token)")
-    if c["n_embd"] % c["n_head"]:
-        raise ValueError(f"n_embd ({c['n_embd']}) must be divisible by n_head ({c['n_head']})")
-    for k in ("steps", "prompts_per_step", "group_size", "eval_interval", "warmup_batch", "max_nonfinite"):
-        if c[k] < 1:
-            raise ValueError(f"{k} must be >= 1, got {c[k]}")
-    if not 0 <= c["topk"] <= 256:
-        raise ValueError(f"topk must be in [0, 256] (the vocabulary), got {c['topk']}")
-    for k in ("is_clip", "temperature"):
-        if c[k] < 0:
-            raise ValueError(f"{k} must be >= 0, got {c[k]}")
-    if not 0 <= c["ema_rate"] <= 1:
-        raise ValueError(f"ema_rate must be in [0, 1], got {c['ema_rate']}")
-    for k in ("replay", "replay_weight", "lr_warmup"):
-        if c[k] < 0:
-            raise ValueError(f"{k} must be >= 0, got {c[k]}")
+        raise ValueError(f"sampled_token=True and topk={c['topk']} exclude each other (the sampled-token form uses one token)")
+    check_task_settings(**{k: c[k] for k in ("plan_len", "n_ops", "n_groups", "families_per_group", "input_len", "n_train", "n_heldout", "n_unseen")})
+    if c["device"].startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={c['device']!r}: CUDA is not available (use cpu or auto)")
+        if ":" in c["device"] and int(c["device"][5:]) >= torch.cuda.device_count():
+            raise ValueError(f"device={c['device']!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+TASK_INTERFACE = ("train", "heldout", "unseen", "max_completion", "verify", "strategy", "warmup_group", "solve", "attempt")
+
+
+def check_task(task):
+    """A task passed to main() has the interface in verify.py's docstring, and problems the loop can use."""
+    name = type(task).__name__
+    missing = [m for m in TASK_INTERFACE if not hasattr(task, m)]
+    missing += [m for m in TASK_INTERFACE[4:] if m not in missing and not callable(getattr(task, m))]
+    if missing:
+        raise ValueError(f"task {name} lacks {', '.join(missing)} (the task interface is in verify.py's docstring)")
+    if not isinstance(task.max_completion, int) or task.max_completion < 1:
+        raise ValueError(f"task {name}: max_completion must be a positive int, got {task.max_completion!r}")
+    for split in TASK_INTERFACE[:3]:
+        probs = getattr(task, split)
+        if not isinstance(probs, list) or (split != "unseen" and not probs):
+            raise ValueError(f"task {name}: {split} must be a " + ("list" if split == "unseen" else "non-empty list") + " of problems")
+        lacks = sorted({f for p in probs for f in ("pid", "family", "group", "prompt") if not isinstance(getattr(p, f, None), str)})
+        if lacks:
+            raise ValueError(f"task {name}: problems in {split} lack str field(s) {', '.join(lacks)}")
+
+
+def check_fit(c, prompt_tokens, completion_tokens, train_problems, world):
+    """What needs the task's sizes: a sequence fits block_size, a step's problems exist and split over the ranks, and
+    a lower bound on the memory a run holds (weights, gradients, Adam, a teacher copy; one step's key-value cache, or a
+    warm-up batch's logits) fits the device's."""
+    need = prompt_tokens + completion_tokens + c.mem_budget
+    if need > c.block_size:
+        raise ValueError(f"block_size={c.block_size} is too small: mem_budget={c.mem_budget} + prompt + completion take {need} tokens")
+    if c.prompts_per_step > train_problems:
+        raise ValueError(f"prompts_per_step={c.prompts_per_step} exceeds the {train_problems} training problems")
+    if c.prompts_per_step % world:
+        raise ValueError(f"prompts_per_step={c.prompts_per_step} must be divisible by the number of ranks ({world})")
+    C, L, T = c.n_embd, c.n_layer, prompt_tokens + completion_tokens
+    params = VOCAB_SIZE * C + L * (12 * C * C + 13 * C) + 2 * C
+    rows = c.prompts_per_step // world * c.group_size
+    nbytes = 4 * (5 * params + max(rows * T * 2 * L * C, max(c.warmup_batch, c.replay) * T * VOCAB_SIZE))
+    dev = pick_device(c)
+    have = torch.cuda.get_device_properties(dev).total_memory if dev.startswith("cuda") else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if nbytes > have:
+        raise ValueError(f"the model (n_layer={L}, n_embd={C}) with {rows} rollouts per step (prompts_per_step x group_size), warmup_batch={c.warmup_batch} "
+                         f"and replay={c.replay} needs at least {nbytes / 2**30:.3g} GiB, more than the {have / 2**30:.3g} GiB of device {dev!r}")
+
+
+def warn_pointless(c, task):
+    """Legal settings that make a run pointless: a one-line warning each, before any work."""
+    levels = [l for l in c.memory_levels.split(",") if l]
+    lines = reference_memory(task, c, budget=10**9).render(task.train[0], levels).splitlines()
+    shortest = min(map(len, lines), default=0) + 1
+    why = []
+    if c.warmup_steps == 0 and c.init_from == "scratch":
+        why.append("warmup_steps=0: RL starts from an untrained model, which can neither execute a plan nor read a memory")
+    if c.group_size == 1 and c.method in ("grpo", "sdpo"):
+        why.append(f"group_size=1: {c.method.upper()} learns from differences within a group, and a group of one has none")
+    if c.temperature == 0 and c.method in ("grpo", "sdpo"):
+        why.append(f"temperature=0: a group's samples are all the same greedy completion, so {c.method.upper()} has nothing to compare")
+    if c.method == "pmd" and not levels:
+        why.append("memory_levels is empty: PMD's teacher is shown no memory")
+    elif c.method == "pmd" and c.memory_steps == 0:
+        why.append("memory_steps=0: the memory is never written, so PMD's teacher is shown an empty one")
+    elif c.method == "pmd" and c.mem_budget < shortest:
+        why.append(f"mem_budget={c.mem_budget} holds no memory line (the shortest takes {shortest} characters): PMD's teacher is shown no memory")
+    if c.replay and not c.replay_weight:
+        why.append(f"replay={c.replay} with replay_weight=0: the replay examples are computed, then ignored")
+    for w in why:
+        print(f"warning: {w}", file=sys.stderr)
+    return why
 
 
 def memory_settings(c):
@@ -170,8 +256,6 @@ def make_task(c):
 def pick_device(c):
     if c.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if c.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {c.device!r}: CUDA is not available")
     return c.device
 
 
@@ -276,13 +360,11 @@ def pass_at_k(model, task, problems, c, device):
     return {k: sum(1 - math.comb(n - r, k) / math.comb(n, k) for r in right) / len(problems) for k in PASS_K}
 
 
-def headroom(model, task, c, device):
-    """Right after warm-up: the student without memory vs the teacher given each memory level, on both evaluation
-    sets. The memory holds verified reference traces of a few training problems per RL family, plus wrong attempts:
-    what PMD's memory holds once the policy has found each family's plan. An unseen family has no experience or
-    insight of its own; only its group's pattern reaches it."""
+def reference_memory(task, c, budget=None):
+    """A memory of verified reference traces of a few training problems per RL family, plus wrong attempts: what
+    PMD's memory holds once the policy has found each family's plan. budget: the render budget, if not c's."""
     rng = random.Random(c.seed)
-    mem = Memory(**memory_settings(c))
+    mem = Memory(**dict(memory_settings(c), budget=budget or c.mem_budget))
     rolls, per_family = [], {}
     for p in task.train:
         per_family.setdefault(p.family, []).append(p)
@@ -292,7 +374,13 @@ def headroom(model, task, c, device):
                 r, fb = task.verify(p, text)
                 rolls.append(Rollout(p, text, [], [], r, fb, task.strategy(p, text)))
     mem.update(rolls)
-    rows = {}
+    return mem
+
+
+def headroom(model, task, c, device):
+    """Right after warm-up: the student without memory vs the teacher given each memory level (reference_memory), on
+    both evaluation sets. An unseen family has no experience or insight of its own; only its group's pattern reaches it."""
+    mem, rows = reference_memory(task, c), {}
     for name in HELDOUT:
         probs = getattr(task, name)
         row = dict(student=accuracy(model, task, probs, [""] * len(probs), device))
@@ -383,14 +471,29 @@ def train_warmup(model, c, task, device):
 # the loop
 
 
-def setup(argv, task=None):
-    """Parse and check the settings, make the task, pick the device, join the process group under torchrun.
-    Returns (config, task, device, rank, world)."""
+def configure(argv, task=None):
+    """Every check that needs no work: the settings (parse_args), a given task's interface (check_task) and what must
+    fit (check_fit; the built-in task's sizes are known without building it). Returns the config."""
     c = parse_args(argv, {k: globals()[k] for k in CONFIG_KEYS})
-    device = pick_device(c)
+    world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    if task is None:
+        prompt_len, completion_len = task_sizes(c.plan_len, c.input_len)
+        check_fit(c, prompt_len, completion_len, c.n_groups * c.families_per_group * c.n_train, world)
+    else:
+        check_task(task)
+        prompt_len = max(len(encode(p.prompt)) for p in task.train + task.heldout + task.unseen)
+        check_fit(c, prompt_len, task.max_completion, len(task.train), world)
+    return c
+
+
+def setup(argv, task=None):
+    """Check everything (configure), make the task, warn of pointless settings, pick the device, join the process
+    group under torchrun. Returns (config, task, device, rank, world)."""
+    c = configure(argv, task)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
-    if c.prompts_per_step % world:
-        raise ValueError(f"prompts_per_step ({c.prompts_per_step}) must be divisible by the number of ranks ({world})")
+    task = task or make_task(c)
+    if not rank:
+        warn_pointless(c, task)
     try:
         os.makedirs(c.out_dir, exist_ok=True)
         probe = os.path.join(c.out_dir, f".write-test-{rank}")
@@ -398,12 +501,7 @@ def setup(argv, task=None):
         os.remove(probe)
     except OSError as e:
         raise ValueError(f"out_dir {c.out_dir!r} is not writable ({e.strerror})") from None
-    task = task or make_task(c)
-    if c.prompts_per_step > len(task.train):
-        raise ValueError(f"prompts_per_step ({c.prompts_per_step}) exceeds the {len(task.train)} training problems")
-    need = max(len(encode(p.prompt)) for p in task.train + task.heldout + task.unseen) + task.max_completion + c.mem_budget
-    if need > c.block_size:
-        raise ValueError(f"block_size ({c.block_size}) is too small for memory budget + prompt + completion ({need} tokens)")
+    device = pick_device(c)
     if world > 1:
         if device.startswith("cuda"):
             device = f"cuda:{os.environ['LOCAL_RANK']}"

@@ -69,15 +69,30 @@ def trace(plan, s):
     return ",".join(plan) + "|" + "|".join(run_plan(plan, s)) + "\n"
 
 
+def sizes(plan_len, input_len):
+    """(prompt, completion) lengths in characters (= tokens) at most: `A07:kdbea>` and `rev,inc,swp|aebdk|bfcel|fbelc` + newline."""
+    return 3 + 1 + input_len + 1, 4 * plan_len + (input_len + 1) * plan_len + 2
+
+
+def check_settings(plan_len, n_ops, n_groups, families_per_group, input_len, n_train, n_heldout, n_unseen):
+    """The task's settings, each and together; a ValueError naming the setting, its value and what is allowed."""
+    ranges = dict(plan_len=(plan_len, 1, 6), n_ops=(n_ops, 2, len(OPS)), n_groups=(n_groups, 1, n_ops), input_len=(input_len, 2, len(ALPHABET)),
+                  families_per_group=(families_per_group, 1, 86), n_train=(n_train, 1, None), n_heldout=(n_heldout, 1, None),
+                  n_unseen=(n_unseen, 0, 86 - families_per_group))  # ids 10-99 per group letter, 4 left for a warm-up group
+    for key, (v, lo, hi) in ranges.items():
+        if not (lo <= v and (hi is None or v <= hi)):
+            raise ValueError(f"{key}={v} is not allowed: [{lo}, {'inf)' if hi is None else f'{hi}]'}" + (" (at most n_ops: a group's first op is its own)" if key == "n_groups" else
+                             " (families_per_group + n_unseen <= 86)" if key == "n_unseen" else ""))
+    if n_train + n_heldout > len(ALPHABET) ** input_len:
+        raise ValueError(f"n_train={n_train} + n_heldout={n_heldout} exceed the {len(ALPHABET) ** input_len} distinct inputs of input_len={input_len}")
+
+
 class HiddenProcedures:
     def __init__(self, plan_len=3, n_ops=6, n_groups=3, families_per_group=4, input_len=5, n_train=32, n_heldout=8, seed=0, n_unseen=2):
-        if not (1 <= plan_len <= 6 and 2 <= n_ops <= len(OPS) and 1 <= n_groups <= min(n_ops, len(GROUPS))):
-            raise ValueError(f"task: need 1 <= plan_len <= 6, 2 <= n_ops <= {len(OPS)}, 1 <= n_groups <= min(n_ops, {len(GROUPS)})")
-        if not (2 <= input_len <= 12 and families_per_group >= 1 and n_train >= 1 and n_heldout >= 1 and n_unseen >= 0):
-            raise ValueError("task: need 2 <= input_len <= 12, families_per_group, n_train, n_heldout >= 1 and n_unseen >= 0")
+        check_settings(plan_len, n_ops, n_groups, families_per_group, input_len, n_train, n_heldout, n_unseen)
         self.plan_len, self.input_len = plan_len, input_len
         self.ops = list(OPS)[:n_ops]
-        self.max_completion = 4 * plan_len + (input_len + 1) * plan_len + 2
+        self.max_completion = sizes(plan_len, input_len)[1]
         rng = random.Random(seed)
         self.plans = self._unambiguous_plans(rng)
         self.families = {}  # family id -> hidden plan (RL families and unseen ones)

@@ -104,5 +104,5 @@ def test_rank_count_errors(run3, tmp_path, monkeypatch):
         train.main(ARGS + ["--steps=4", "--init_from=resume"] + dirs(d, run3[2]))
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match=r"prompts_per_step \(3\) must be divisible by the number of ranks \(2\)"):
+    with pytest.raises(ValueError, match=r"prompts_per_step=3 must be divisible by the number of ranks \(2\)"):
         train.main(ARGS + ["--prompts_per_step=3"] + dirs(d, run3[2]))

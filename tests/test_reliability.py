@@ -220,7 +220,7 @@ ERROR_CASES = {  # id: (setup(ref, d) or None, extra argv or ("memory.py", file)
     "unknown_key": (None, ["--bogus=1"], "unknown config key 'bogus'"),
     "wrong_type": (None, ["--steps=three"], "'steps' expects int"),
     "sampled_token_with_topk": (None, ["--sampled_token=true", "--topk=5"], "exclude each other"),
-    "bogus_init_from": (None, ["--init_from=bogus"], "'init_from' must be one of"),
+    "bogus_init_from": (None, ["--init_from=bogus"], "init_from='bogus' is not allowed: scratch|resume"),
     "resume_missing_ckpt": (None, ["--init_from=resume"], "not found"),
     "resume_truncated_ckpt": (lambda r, d: (_copy_run(r, d), _truncate(d / "ckpt.pt")), ["--init_from=resume"], "corrupt or unreadable"),
     "resume_foreign_ckpt_tensor": (lambda r, d: (d.mkdir(), torch.save(torch.zeros(3), d / "ckpt.pt")), ["--init_from=resume"], "not a checkpoint of this project"),
@@ -269,11 +269,11 @@ def test_error_is_one_clear_line(error_runs, case):
 @pytest.mark.parametrize("argv, words", [
     (["--compile=maybe"], "'compile' expects bool"),
     (["steps=3"], "expected --key=value"),
-    (["--n_head=4", "--n_embd=30"], "divisible"),
-    (["--replay=-1"], "replay must be >= 0"),
-    (["--max_nonfinite=0"], "max_nonfinite must be >= 1"),
-    (["--block_size=64"], "block_size (64) is too small"),
-    (["--prompts_per_step=1000"], "exceeds the 48 training problems"),
+    (["--n_head=4", "--n_embd=30"], "must be an even whole number"),
+    (["--replay=-1"], "replay=-1 is not allowed: [0, inf)"),
+    (["--max_nonfinite=0"], "max_nonfinite=0 is not allowed: [1, inf)"),
+    (["--block_size=64"], "block_size=64 is too small"),
+    (["--prompts_per_step=1000"], "prompts_per_step=1000 exceeds the 48 training problems"),
 ])
 def test_more_config_errors_in_process(ref, tmp_path, argv, words):
     """The same ValueError -> 'error: ...' path as above, checked in-process to keep the file fast."""
