@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 import train
-from memory import Memory
+from memory import Memory, mean_lag
 from model import encode, generate
 from pmd import Clock, Rollout
 from verify import OPS, Problem
@@ -171,13 +171,13 @@ def record(variant, seed, res):
     """One run's summary: its final evaluation (both sets, pass@k), the rollouts it took to 80 %, its curve."""
     end = res["metrics"][-1]
     return dict(end, method=variant, seed=seed, rollouts_to_80=rollouts_to(res["metrics"]), wall_s=res["wall_s"],
-                start_pass1=res["metrics"][0].get("heldout_pass@1"), settings=run_settings(res["args"]),
+                start_pass1=res["metrics"][0].get("heldout_pass@1"), settings=run_settings(res["args"]), lag=mean_lag(res["metrics"])[0],
                 curve=[[r["rollouts"], r["heldout_acc"], r.get("unseen_acc"), r["teacher_acc"]] for r in res["metrics"]])
 
 
 def table(records, variants):
-    rows = ["| method | lr, replay w. | new inputs | unseen families | pass@16 new inputs | pass@16 unseen | rollouts to 80 % | teacher (new inputs) | wall per run (s) |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| method | lr, replay w. | new inputs | unseen families | pass@16 new inputs | pass@16 unseen | rollouts to 80 % | teacher (new inputs) "
+            "| internalisation lag (steps) | wall per run (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for v in variants:
         rs = [r for r in records if r["method"] == v]
         reached = [r["rollouts_to_80"] for r in rs if r["rollouts_to_80"] is not None]
@@ -185,7 +185,8 @@ def table(records, variants):
         s = rs[0]["settings"]
         rows.append(f"| {v} | {s['lr']:g}, {s['replay_weight']:g} | {mean_std([r['heldout_acc'] for r in rs])} | {mean_std([r.get('unseen_acc') for r in rs])} | "
                     f"{mean_std([r.get('heldout_pass@16') for r in rs])} | {mean_std([r.get('unseen_pass@16') for r in rs])} | {to80} | "
-                    f"{mean_std([r['teacher_acc'] for r in rs])} | {mean_std([r['wall_s'] for r in rs], '{:.0f}')} |")
+                    f"{mean_std([r['teacher_acc'] for r in rs])} | {mean_std([r.get('lag') for r in rs], '{:.0f}') if method_of(v) == 'pmd' else '-'} | "
+                    f"{mean_std([r['wall_s'] for r in rs], '{:.0f}')} |")
     return "\n".join(rows)
 
 

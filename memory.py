@@ -16,6 +16,12 @@ and traces only through the task's verdict (reward, feedback) and the strategy (
 of a faithful trace. Only faithful traces count as evidence for insights and patterns.
 
     python memory.py out/memory.json     prints the three levels
+    python memory.py out/                a run directory: the same, then how the memory grew (per level, at every
+                                         evaluation) and a per-family timeline: when the memory held the family's right
+                                         strategy, when the teacher and the memory-free student solved it, the lag
+    python memory.py out/ --plot         also writes out/memory.png (needs matplotlib; training never does)
+    python memory.py out/ --family=A07   one family up close: the memory lines the teacher reads for one held-out
+                                         problem, the teacher's and the student's greedy completions, their verdicts
 """
 import json
 import os
@@ -133,6 +139,18 @@ class Memory:
             if not self.pattern[g]:
                 del self.pattern[g]
 
+    def census(self, right):
+        """The memory's size per level, and what it holds per family: memory_family maps each family with a confirmed
+        strategy to 1 if that strategy is right[family], else -1 (right: family -> its right strategy)."""
+        exps = [e for es in self.experience.values() for e in es]
+        nets = [net(it) for items in self.insight.values() for it in items.values()]
+        held = {f: self.confirmed(f) for f in self.groups}
+        family = {f: 1 if right.get(f) == s else -1 for f, s in held.items() if s}
+        return dict(mem_passing=sum(e["reward"] > 0 for e in exps), mem_failing=sum(e["reward"] == 0 for e in exps),
+                    mem_strategies=sum(n > 0 for n in nets), mem_lessons=sum(n < 0 for n in nets),
+                    mem_patterns=sum(map(len, self.pattern.values())), mem_confirmed=len(family),
+                    mem_confirmed_right=sum(v == 1 for v in family.values()), memory_family=family)
+
     def evict(self):
         while len(self.touched) > self.settings["max_families"]:
             fam = next(iter(self.touched))  # the least recently updated
@@ -249,14 +267,201 @@ def describe(mem):
     return "\n".join(out)
 
 
-if __name__ == "__main__":
-    if sys.argv[1:] in (["-h"], ["--help"]):
-        sys.exit(print(__doc__))
-    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
-        sys.exit("usage: python memory.py out/memory.json")
-    if os.path.isdir(sys.argv[1]):
-        sys.exit(f"error: {sys.argv[1]} is a directory; give the memory file in it, like {os.path.join(sys.argv[1], 'memory.json')}")
+# -----------------------------------------------------------------------------
+# reading a run directory: how the memory grew, and when the memory-free student caught up with it
+
+SOLVED = 0.5  # a family counts as solved at an evaluation once this share of its held-out problems is (greedy)
+GROWTH = dict(mem_passing="passing", mem_failing="failing", mem_strategies="strategies", mem_lessons="lessons", mem_patterns="patterns",
+              mem_confirmed="confirmed", mem_confirmed_right="right")
+
+
+def read_run(run_dir):
+    """(the evaluations of run_dir/metrics.jsonl, its final Memory or None, notes on what is missing). A torn line
+    (a kill mid-write) ends the evaluations; a missing or unreadable memory.json leaves the memory None."""
+    path = os.path.join(run_dir, "metrics.jsonl")
     try:
-        print(describe(Memory.load(sys.argv[1])))
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ValueError(f"cannot read {path} ({e.strerror})") from None
+    recs, notes = [], []
+    for i, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)
+            int(rec["step"])
+        except (ValueError, KeyError, TypeError, IndexError):
+            notes.append(f"line {i} of {path} is torn or not an evaluation: read the {len(recs)} before it")
+            break
+        recs.append(rec)
+    if not recs:
+        raise ValueError(f"{path} holds no evaluation")
+    old = sum("memory_family" not in r or "family_acc" not in r for r in recs)
+    if old:
+        notes.append(f"{old} of {len(recs)} evaluations lack the memory counts and per-family accuracy (a run from before they "
+                     "were logged): the growth table and the timeline leave them out")
+    try:
+        mem = Memory.load(os.path.join(run_dir, "memory.json"))
+    except ValueError as e:
+        mem = None
+        notes.append(f"{e}: no view of the final memory, and no patterns for the unseen families")
+    return recs, mem, notes
+
+
+def first_step(recs, test):
+    return next((r["step"] for r in recs if test(r)), None)
+
+
+def timeline(recs):
+    """family -> {set, memory_right, memory_wrong, teacher, student, lag}: the step of the first evaluation at which
+    the memory held the family's right (wrong) confirmed strategy, the teacher with memory solved the family's
+    held-out problems, the memory-free student did, and student - memory_right (the internalisation lag)."""
+    recs = [r for r in recs if "memory_family" in r and "family_acc" in r]
+    out = {}
+    for name in ("heldout", "unseen"):
+        for f in sorted({f for r in recs for f in r["family_acc"].get(name, {})}):
+            right = first_step(recs, lambda r: r["memory_family"].get(f) == 1)
+            student = first_step(recs, lambda r: r["family_acc"][name].get(f, 0) >= SOLVED)
+            out[f] = dict(set=name, memory_right=right, memory_wrong=first_step(recs, lambda r: r["memory_family"].get(f) == -1),
+                          teacher=first_step(recs, lambda r: r["teacher_family_acc"][name].get(f, 0) >= SOLVED), student=student,
+                          lag=None if right is None or student is None else student - right)
+    return out
+
+
+def mean_lag(recs):
+    """(mean internalisation lag over the families that both the memory and the student got, how many they are)."""
+    lags = [t["lag"] for t in timeline(recs).values() if t["lag"] is not None]
+    return (sum(lags) / len(lags) if lags else None), len(lags)
+
+
+def describe_run(run_dir):
+    """The final memory, then how it grew and the per-family timeline, as text a person reads."""
+    recs, mem, notes = read_run(run_dir)
+    out = [describe(mem)] if mem else []
+    out += [f"note: {n}" for n in notes]
+    new = [r for r in recs if "memory_family" in r]
+    if new:
+        out.append("\nmemory growth (at every evaluation): experiences passing and failing, strategies, lessons, patterns,\n"
+                   "families with a confirmed strategy, and how many of those are right")
+        out.append("  " + f"{'step':>6}" + "".join(f"{v:>12}" for v in GROWTH.values()))
+        out += ["  " + f"{r['step']:>6}" + "".join(f"{r[k]:>12}" for k in GROWTH) for r in new]
+    tl = timeline(recs)
+    if tl:
+        fmt = lambda x: "-" if x is None else str(x)
+        out.append(f"\nper-family timeline: the first step at which the memory held the right (wrong) strategy, and the teacher with\n"
+                   f"memory and the memory-free student solved at least {SOLVED:.0%} of the family's held-out problems (greedy)")
+        out.append(f"  {'family':<8}{'memory right':>14}{'memory wrong':>14}{'teacher':>9}{'student':>9}{'lag':>6}")
+        out += [f"  {f:<8}{fmt(t['memory_right']):>14}{fmt(t['memory_wrong']):>14}{fmt(t['teacher']):>9}{fmt(t['student']):>9}{fmt(t['lag']):>6}"
+                for f, t in tl.items() if t["set"] == "heldout"]
+        lag, n = mean_lag(recs)
+        never = [f for f, t in tl.items() if t["set"] == "heldout" and t["memory_right"] is not None and t["student"] is None]
+        out.append(f"  mean lag {'-' if lag is None else f'{lag:.0f} steps'} over the {n} families both the memory and the student got; "
+                   f"the student never caught up with the memory on {len(never)}" + (f" ({', '.join(never)})" if never else ""))
+        unseen = {f: t for f, t in tl.items() if t["set"] == "unseen"}
+        if unseen:
+            families = recs[0].get("families", {})  # family -> [group, right strategy], logged at step 0
+            out.append("\nunseen families (RL never trains on them; only their group's patterns reach them)")
+            out.append(f"  {'family':<8}{'teacher':>9}{'student':>9}   patterns of its group in the final memory (right for it?)")
+            for f, t in unseen.items():
+                group, plan = families.get(f, [None, None])
+                pats = (mem.pattern.get(group, {}) if mem else {}) if group else {}
+                said = ", ".join(f"{k} ({'yes' if plan and plan.split(',')[int(k.split(':')[0]) - 1] == k.split(':', 1)[1] else 'no'})"
+                                 for k in pats) or ("none" if group and mem else "unknown")
+                out.append(f"  {f:<8}{fmt(t['teacher']):>9}{fmt(t['student']):>9}   {said}")
+    return "\n".join(out)
+
+
+def plot_run(run_dir, path):
+    """A PNG: the memory's size per level over steps, and the per-family timeline as bars (memory right -> student)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib (pip install matplotlib); training never does") from None
+    recs, _, _ = read_run(run_dir)
+    new, tl = [r for r in recs if "memory_family" in r], timeline(recs)
+    if not new:
+        raise ValueError(f"{run_dir}/metrics.jsonl has no memory counts to plot (a run from before they were logged)")
+    fams = [f for f, t in tl.items() if t["set"] == "heldout"]
+    end = new[-1]["step"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 0.3 * len(fams) + 4))
+    for k, label in list(GROWTH.items())[:5]:
+        ax.plot([r["step"] for r in new], [r[k] for r in new], label=label, lw=2)
+    ax.plot([r["step"] for r in new], [r["mem_confirmed_right"] for r in new], "k--", label="families with the right strategy")
+    ax.set_yscale("symlog", linthresh=10)  # lessons run to hundreds, patterns to a few
+    ax.set(xlabel="RL step", ylabel="items in the memory (linear below 10, log above)", title="memory size per level")
+    ax.legend(fontsize=8)
+    for y, f in enumerate(fams):
+        t = tl[f]
+        if t["memory_right"] is not None:  # the lag: memory right -> student solves (or the run's end, hatched)
+            stop = end if t["student"] is None else t["student"]
+            bx.barh(y, max(stop - t["memory_right"], 1), left=t["memory_right"], color="tab:orange", alpha=0.6,
+                    hatch="//" if t["student"] is None else None)
+        for key, mark, color in (("memory_wrong", "x", "tab:red"), ("teacher", "^", "tab:blue"), ("student", "o", "tab:green")):
+            if t[key] is not None:
+                bx.plot(t[key], y, mark, color=color, ms=8)
+    bx.plot([], [], "s", color="tab:orange", alpha=0.6, label="memory right -> student solves (hatched: not by the end)")
+    for label, mark, color in (("memory wrong", "x", "tab:red"), ("teacher solves", "^", "tab:blue"), ("student solves", "o", "tab:green")):
+        bx.plot([], [], mark, color=color, label=label)
+    bx.set(yticks=range(len(fams)), yticklabels=fams, xlim=(-5, end + 5), ylim=(len(fams) - 0.5, -0.5),
+           xlabel=f"RL step (solves: greedy, at least {SOLVED:.0%} of the family's held-out problems)", title="per family: the memory knows, the student catches up")
+    bx.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def up_close(run_dir, family):
+    """One family at the run's end: for its first held-out problem, the memory lines the teacher reads, the teacher's
+    greedy completion with them and the memory-free student's, each with the verifier's verdict. The built-in task
+    only: the task is rebuilt from the checkpoint's settings."""
+    import torch
+    import train
+    from model import GPT, GPTConfig, decode, encode, generate
+
+    path = os.path.join(run_dir, "ckpt.pt")
+    ckpt = train.load_checkpoint(path)
+    c = train.parse_args([], {**{k: getattr(train, k) for k in train.CONFIG_KEYS}, **{k: v for k, v in ckpt["config"].items() if k in train.CONFIG_KEYS}})
+    task, mem = train.make_task(c), Memory.load(os.path.join(run_dir, "memory.json"))
+    probs = [p for p in task.heldout + task.unseen if p.family == family]
+    if not probs:
+        raise ValueError(f"family {family!r} is not in this run's task (its families: {', '.join(sorted({p.family for p in task.heldout + task.unseen}))})")
+    p = probs[0]
+    models = {}
+    for who in ("student", "teacher"):
+        models[who] = GPT(GPTConfig(c.block_size, c.n_layer, c.n_head, c.n_embd))
+        train.load_weights(models[who], ckpt.get(who if who == "teacher" else "model", ckpt["model"]), path)
+        models[who].eval()
+    context = mem.render(p, [l for l in c.memory_levels.split(",") if l])
+    out = [f"family {family} at step {ckpt.get('step', '?')}, problem {p.pid} ({'new input' if p in task.heldout else 'unseen family'}); "
+           f"its right strategy: {','.join(task.strategy(p, task.solve(p)))}",
+           "memory lines the teacher reads:" + ("".join(f"\n  {l}" for l in context.splitlines()) or " none")]
+    with torch.no_grad():
+        for who, ctx in (("teacher", context), ("student", "")):
+            comp, _ = generate(models[who], [encode(ctx + p.prompt)], 1, task.max_completion, temperature=0)
+            text = decode(comp[0])
+            reward, feedback = task.verify(p, text)
+            out.append(f"{who + (' (with memory)' if ctx else ' (no memory)'):<24} {clean(p.prompt + text, 80)}   -> {reward} {feedback}")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if not args or args[0] in ("-h", "--help"):
+        sys.exit(print(__doc__) if args else "usage: python memory.py out/memory.json  |  out/ [--plot] [--family=A07]")
+    try:
+        path, flags = args[0], args[1:]
+        if not os.path.isdir(path):
+            if flags:
+                raise ValueError(f"{' '.join(flags)}: options need a run directory, like {os.path.dirname(path) or 'out'}/")
+            print(describe(Memory.load(path)))
+        elif any(f != "--plot" and not f.startswith("--family=") for f in flags):
+            raise ValueError(f"unknown option(s) {[f for f in flags if f != '--plot' and not f.startswith('--family=')]}: --plot, --family=NAME")
+        else:
+            families = [f.split("=", 1)[1] for f in flags if f.startswith("--family=")]
+            print(up_close(path, families[-1]) if families else describe_run(path))
+            if "--plot" in flags:
+                print(f"wrote {plot_run(path, os.path.join(path, 'memory.png'))}")
     except ValueError as e:
         sys.exit(f"error: {e}")

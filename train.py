@@ -338,12 +338,31 @@ PASS_K = (1, 4, 16)  # pass@k at the start and the end of a run, from PASS_K[-1]
 
 
 @torch.no_grad()
-def accuracy(model, task, problems, contexts, device):
-    """Greedy accuracy on problems, each after its context ('' for the memory-free student); None for no problems."""
+def solved(model, task, problems, contexts):
+    """Greedy reward (0 or 1) on each problem, after its context ('' for the memory-free student)."""
     if not problems:
-        return None
+        return []
     comps, _ = generate(model, [encode(c + p.prompt) for c, p in zip(contexts, problems)], 1, task.max_completion, temperature=0)
-    return sum(task.verify(p, decode(y))[0] for p, y in zip(problems, comps)) / len(problems)
+    return [task.verify(p, decode(y))[0] for p, y in zip(problems, comps)]
+
+
+def accuracy(model, task, problems, contexts, device):
+    """Greedy accuracy on problems, each after its context; None for no problems."""
+    return sum(solved(model, task, problems, contexts)) / len(problems) if problems else None
+
+
+def per_family(problems, rewards):
+    """family -> share of its problems solved (3 decimals: metrics.jsonl stays compact)."""
+    fams = {}
+    for p, r in zip(problems, rewards):
+        fams.setdefault(p.family, []).append(r)
+    return {f: round(sum(rs) / len(rs), 3) for f, rs in fams.items()}
+
+
+def right_strategies(task):
+    """family -> the strategy of its reference solution, as the memory writes it: what a right insight says."""
+    steps = {p.family: task.strategy(p, task.solve(p)) for p in task.heldout + task.unseen}
+    return {f: ",".join(s) for f, s in steps.items() if s is not None}
 
 
 @torch.no_grad()
@@ -391,21 +410,25 @@ def headroom(model, task, c, device):
     return rows
 
 
-def evaluate(model, teacher, task, memory, c, device, pass_k=False):
+def evaluate(model, teacher, task, memory, c, device, pass_k=False, right=None):
     """Greedy accuracy of the memory-free student and of the teacher reading the memory, on both evaluation sets
-    (heldout_acc, teacher_acc; unseen_acc, teacher_unseen_acc); with pass_k (at a run's start and end) also the student's
-    pass@k on both."""
+    (heldout_acc, teacher_acc; unseen_acc, teacher_unseen_acc), the same per family (family_acc, teacher_family_acc:
+    set -> family -> accuracy), and the memory's size per level (memory.census; right: right_strategies(task)); with
+    pass_k (at a run's start and end) also the student's pass@k on both."""
     model.eval()
     levels = [l for l in c.memory_levels.split(",") if l]
-    out = {}
+    out, fam, t_fam = memory.census(right or {}), {}, {}
     for name in HELDOUT:
         probs, tag = getattr(task, name), "" if name == "heldout" else f"{name}_"
-        out[f"{name}_acc"] = accuracy(model, task, probs, [""] * len(probs), device)
-        out[f"teacher_{tag}acc"] = accuracy(teacher, task, probs, [memory.render(p, levels) for p in probs], device)
+        student = solved(model, task, probs, [""] * len(probs))
+        teacher_ = solved(teacher, task, probs, [memory.render(p, levels) for p in probs])
+        out[f"{name}_acc"] = sum(student) / len(probs) if probs else None
+        out[f"teacher_{tag}acc"] = sum(teacher_) / len(probs) if probs else None
+        fam[name], t_fam[name] = per_family(probs, student), per_family(probs, teacher_)
         if pass_k:
             out.update({f"{name}_pass@{k}": v for k, v in pass_at_k(model, task, probs, c, device).items()})
     model.train()
-    return out
+    return dict(out, family_acc=fam, teacher_family_acc=t_fam)
 
 
 # -----------------------------------------------------------------------------
@@ -624,11 +647,13 @@ def main(argv, task=None):
     elif master:
         open(metrics_path, "w").close()
 
+    right = right_strategies(task)
+
     def log(step_, extra, pass_k=False):
         if not master:  # evaluation runs on rank 0 only
             return {}
         rec = dict(step=step_, method=c.method, rollouts=run.rollouts,
-                   **evaluate(model, teacher, task, memory, c, device, pass_k), **extra)
+                   **evaluate(model, teacher, task, memory, c, device, pass_k, right), **extra)
         with open(metrics_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         return rec
@@ -664,7 +689,8 @@ def main(argv, task=None):
 
     run.gather = gather
     if run.step == 0:
-        before = log(0, {}, pass_k=True).get("heldout_acc", 0.0)
+        families = {p.family: [p.group, right.get(p.family)] for p in task.heldout + task.unseen}  # for memory.py's timeline
+        before = log(0, dict(families=families), pass_k=True).get("heldout_acc", 0.0)
     else:
         before = json.loads(open(metrics_path).readline())["heldout_acc"] if master else 0.0
     bar = tqdm(range(run.step, c.steps), desc=c.method, dynamic_ncols=True, initial=run.step, total=c.steps, disable=not master)

@@ -27,6 +27,9 @@ def test_bench_runs_every_variant_and_reuses_finished_runs(tmp_path):
     table = lambda out: [l for l in out.splitlines() if l.startswith("| ") and not l.startswith("| method")]
     rows = table(p.stdout)
     assert [r.split("|")[1].strip() for r in rows] == ["grpo", "frozen-policy"]
+    lag = next(l for l in p.stdout.splitlines() if l.startswith("| method")).split("|").index(" internalisation lag (steps) ")
+    assert rows[0].split("|")[lag].strip() == "-"  # GRPO's teacher reads no memory: no lag; PMD's is a number of steps or '-'
+    assert rows[1].split("|")[lag].strip() == "-" or float(rows[1].split("|")[lag].split("±")[0]) >= -4
     records = json.load(open(tmp_path / "bench" / "bench.json"))
     assert len(records) == 4 and {(r["method"], r["seed"]) for r in records} == {(v, s) for v in ("grpo", "frozen-policy") for s in (1, 2)}
     for r in records:
