@@ -443,6 +443,16 @@ def up_close(run_dir, family):
             text = decode(comp[0])
             reward, feedback = task.verify(p, text)
             out.append(f"{who + (' (with memory)' if ctx else ' (no memory)'):<24} {clean(p.prompt + text, 80)}   -> {reward} {feedback}")
+        # what the student explores: its strategies over 16 samples at the RL temperature (None: an unfaithful trace)
+        comps, _ = generate(models["student"], [encode(p.prompt)], 16, task.max_completion, c.temperature, torch.Generator().manual_seed(c.seed))
+        texts = [decode(y) for y in comps]
+        tally = {}
+        for t in texts:
+            s = task.strategy(p, t)
+            tally[s and ",".join(s)] = tally.get(s and ",".join(s), 0) + 1
+    passed = sum(task.verify(p, t)[0] for t in texts)
+    out.append(f"student, 16 samples at temperature {c.temperature:g}: {passed} pass; strategies "
+               + ", ".join(f"{s or 'unfaithful'} x{n}" for s, n in sorted(tally.items(), key=lambda kv: -kv[1])))
     return "\n".join(out)
 
 

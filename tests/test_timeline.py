@@ -122,6 +122,8 @@ def test_one_family_up_close(tiny_run):
     assert lines[0].startswith("family A48 at step 3, problem A48:") and "memory lines the teacher reads" in text
     assert any(l.startswith("teacher (with memory)") or l.startswith("teacher (no memory)") for l in lines)
     assert any(l.startswith("student (no memory)") and "-> " in l for l in lines)
+    explored = lines[-1].split("strategies ")[1].split(", ")  # the 16 samples' strategies, tallied
+    assert lines[-1].startswith("student, 16 samples at temperature 1:") and sum(int(x.rsplit(" x", 1)[1]) for x in explored) == 16
     with pytest.raises(ValueError, match="family 'Z99' is not in this run's task"):
         memory.up_close(str(tiny_run), "Z99")
 
