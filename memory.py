@@ -78,6 +78,10 @@ class Memory:
         self.consolidate({r.problem.group for r in rollouts})
         self.evict()
 
+    def forget(self):
+        """Drop every item (PMD-Transient starts each step from nothing); the settings and the step count stay."""
+        self.experience, self.insight, self.pattern, self.groups, self.touched, self.members = {}, {}, {}, {}, {}, {}
+
     def add(self, problem, completion, reward, feedback):
         fam = problem.family
         if fam not in self.groups:

@@ -181,21 +181,22 @@ def distill_loss(s_logits, t_logits, targets, mask, alpha=0.5, topk=0, sampled_t
 # one training step
 
 
-def step(model, teacher, task, memory, problems, cfg, generator, device, gather=None, reflect=True, memory_policy=None, clock=None):
+def step(model, teacher, task, memory, problems, cfg, generator, device, gather=None, reflect=True, clock=None):
     """Rollout, reflect, teacher, distill for one batch of problems. Returns (loss, stats) with the loss
-    ready for backward.
+    ready for backward (None for a frozen policy, which only feeds the memory).
     gather: maps this rank's rollouts to every rank's, merged in rank order, for the memory update (distributed).
-    reflect: False leaves the memory as it is (the frozen-memory ablation).
-    memory_policy: the model whose rollouts feed the memory; None is the student itself. The frozen-policy
-        ablation passes a frozen copy of the initial policy: the memory keeps learning, the policy feeding it does not.
+    reflect: False leaves the memory as it is (a frozen memory).
     clock: a Clock charged with each phase's time."""
     clock = clock or Clock()
     rolls = rollout(model, task, problems, cfg.group_size, cfg.temperature, generator, clock)
     if reflect:  # every method keeps a memory (so teacher_acc is comparable); only PMD's teacher reads it
-        fed = rolls if memory_policy is None else rollout(memory_policy, task, problems, cfg.group_size, cfg.temperature, generator)
-        memory.update(fed if gather is None else gather(fed))
-    contexts = teacher_contexts(cfg.method, rolls, cfg.group_size, memory, [l for l in cfg.memory_levels.split(",") if l])
+        if cfg.transient:  # PMD-Transient: the memory holds this batch only, and is gone after the step
+            memory.forget()
+        memory.update(rolls if gather is None else gather(rolls))
     clock("memory")
+    if cfg.policy_frozen:  # the paper's frozen policy: it never trains; the memory evolves from its rollouts
+        return None, dict(reward=sum(r.reward for r in rolls) / len(rolls))
+    contexts = teacher_contexts(cfg.method, rolls, cfg.group_size, memory, [l for l in cfg.memory_levels.split(",") if l])
     prompts = [encode(r.problem.prompt) for r in rolls]
     s_logits, targets = completion_logits(model, prompts, [r.tokens for r in rolls], device)  # (N, L, V), (N, L)
     mask = (targets >= 0).float()

@@ -90,7 +90,9 @@ ema_rate = 0.05  # [0, 1]
 # memory
 memory_levels = "experience,insight,pattern"  # experience|insight|pattern, comma-separated: what PMD's teacher is shown
 memory_steps = -1  # [-1, inf): steps whose rollouts update the memory, after which it stays as it is (frozen memory); -1: every step
-memory_from = "student"  # student|initial: whose rollouts feed the memory: the student, or a frozen copy of the initial policy (frozen policy)
+memory_init = ""  # a memory.json to start from ('' starts empty): with memory_steps=0, the paper's frozen memory
+transient = False  # the memory holds the current batch only: built, read for that step, then dropped (PMD-Transient)
+policy_frozen = False  # the policy never trains; its rollouts still feed the memory (the paper's frozen policy: read it with memory)
 mem_max_families = 256  # [1, inf): families kept (memory.SETTINGS)
 mem_max_experiences = 8  # [1, inf): raw trajectories kept per family (memory.SETTINGS)
 mem_max_insights = 16  # [1, inf): strategies and lessons kept per family (memory.SETTINGS)
@@ -232,7 +234,7 @@ def warn_pointless(c, task):
         why.append(f"temperature=0: a group's samples are all the same greedy completion, so {c.method.upper()} has nothing to compare")
     if c.method == "pmd" and not levels:
         why.append("memory_levels is empty: PMD's teacher is shown no memory")
-    elif c.method == "pmd" and c.memory_steps == 0:
+    elif c.method == "pmd" and c.memory_steps == 0 and not c.memory_init:
         why.append("memory_steps=0: the memory is never written, so PMD's teacher is shown an empty one")
     elif c.method == "pmd" and c.mem_budget < shortest:
         why.append(f"mem_budget={c.mem_budget} holds no memory line (the shortest takes {shortest} characters): PMD's teacher is shown no memory")
@@ -499,6 +501,11 @@ def configure(argv, task=None):
     fit (check_fit; the built-in task's sizes are known without building it). Returns the config."""
     c = parse_args(argv, {k: globals()[k] for k in CONFIG_KEYS})
     world = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+    if c.memory_init:
+        try:
+            Memory.load(c.memory_init)  # a missing or corrupt file stops here, in one line
+        except ValueError as e:
+            raise ValueError(f"memory_init: {e}") from None
     if task is None:
         prompt_len, completion_len = task_sizes(c.plan_len, c.input_len)
         check_fit(c, prompt_len, completion_len, c.n_groups * c.families_per_group * c.n_train, world)
@@ -538,8 +545,8 @@ def setup(argv, task=None):
 
 def start(c, task, device, rank=0, world=1):
     """Everything a run holds, from the warm-up checkpoint (init_from='scratch') or from out_dir's checkpoint
-    ('resume'): the student (model; student is its compiled form), the teacher, the initial policy (frozen-policy
-    ablation), the optimizer, the memory, the RNGs, and the step and rollout counts."""
+    ('resume'): the student (model; student is its compiled form), the teacher, the optimizer, the memory (empty,
+    or memory_init), the RNGs, and the step and rollout counts."""
     ckpt_path, mem_path = os.path.join(c.out_dir, "ckpt.pt"), os.path.join(c.out_dir, "memory.json")
     if c.init_from == "resume":
         ckpt = load_checkpoint(ckpt_path, RESUME_KEYS)
@@ -556,7 +563,7 @@ def start(c, task, device, rank=0, world=1):
         model = warmup(c, task, device)
         if world > 1 and not rank:
             dist.barrier()
-        memory = Memory(**memory_settings(c))
+        memory = Memory.load(c.memory_init) if c.memory_init else Memory(**memory_settings(c))
         model.eval()
         rows = headroom(model, task, c, device)
         print("\nheadroom after warm-up (greedy accuracy; the teacher reads a memory of a few verified traces per RL family):")
@@ -568,16 +575,14 @@ def start(c, task, device, rank=0, world=1):
         model.train()
     run = SimpleNamespace(c=c, task=task, device=device, rank=rank, world=world, model=model, memory=memory, step=0, rollouts=0,
                           teacher=make_teacher(model, c.teacher), opt=torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.0),
-                          initial=make_teacher(model, "frozen") if c.memory_from == "initial" else None,
                           rng=random.Random(c.seed),  # problem order and replay examples: the same on every rank
                           gen=torch.Generator(device=device).manual_seed(c.seed + rank))  # sampling: each rank its own stream
     torch.manual_seed(c.seed)
     if c.init_from == "resume":
         try:
             run.opt.load_state_dict(ckpt["optimizer"])
-            for name in ("teacher", "initial"):
-                if name in ckpt and getattr(run, name) not in (None, model):
-                    load_weights(getattr(run, name), ckpt[name], ckpt_path)
+            if "teacher" in ckpt and run.teacher is not model:
+                load_weights(run.teacher, ckpt["teacher"], ckpt_path)
             run.step, run.rollouts = ckpt["step"], ckpt["rollouts"]
             run.rng.setstate(to_tuple(ckpt["py_rng"]))
             torch.set_rng_state(ckpt["torch_rng"])
@@ -589,20 +594,29 @@ def start(c, task, device, rank=0, world=1):
 
 
 def train_step(run, problems, clock=None):
-    """One RL step on this rank's share of problems: rollout, reflect, teacher, distill (pmd.step), plus replay;
-    backward, gradients averaged over ranks, clipping, the optimizer and EMA teacher updates. A non-finite loss
-    or gradient norm skips the update on every rank. Returns (loss, grad norm, stats, finite)."""
-    c, model, device, world = run.c, run.model, run.device, run.world
+    """One RL step on this rank's share of problems: rollout, reflect, teacher, distill (pmd.step), plus replay, then
+    update. A frozen policy only feeds the memory. Returns (loss, grad norm, stats, finite)."""
+    c, device = run.c, run.device
     clock = clock or Clock()
-    share = problems[run.rank * len(problems) // world : (run.rank + 1) * len(problems) // world]
+    share = problems[run.rank * len(problems) // run.world : (run.rank + 1) * len(problems) // run.world]
     reflect = c.memory_steps < 0 or run.step < c.memory_steps
     with autocast(device):
-        loss, stats = pmd_step(run.student, run.teacher, run.task, run.memory, share, c, run.gen, device, gather=run.gather if world > 1 else None,
-                               reflect=reflect, memory_policy=run.initial, clock=clock)
-        if c.replay:
+        loss, stats = pmd_step(run.student, run.teacher, run.task, run.memory, share, c, run.gen, device,
+                               gather=run.gather if run.world > 1 else None, reflect=reflect, clock=clock)
+        if loss is not None and c.replay:
             settings = memory_settings(c)
             replay = [warmup_example(run.task, run.rng, settings, p_plain=0) for _ in range(c.replay)]
             loss = loss + c.replay_weight * sft_loss(run.student, replay, device)
+    loss, norm, finite = (torch.zeros(()), torch.zeros(()), True) if loss is None else update(run, loss, stats, clock)
+    run.step += 1
+    run.rollouts += c.prompts_per_step * c.group_size
+    return loss, norm, stats, finite
+
+
+def update(run, loss, stats, clock):
+    """Backward, gradients averaged over ranks, clipping, the optimizer and EMA teacher updates. A non-finite loss or
+    gradient norm skips the update on every rank. Returns (loss, grad norm, finite)."""
+    c, model, device, world = run.c, run.model, run.device, run.world
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     if world > 1:  # average the gradients over ranks (by hand: DDP expects one forward per backward, a step has several)
@@ -623,9 +637,7 @@ def train_step(run, problems, clock=None):
         if c.teacher == "ema":
             ema_update(run.teacher, model, c.ema_rate)
     clock("optimizer")
-    run.step += 1
-    run.rollouts += c.prompts_per_step * c.group_size
-    return loss, norm, stats, finite
+    return loss, norm, finite
 
 
 def main(argv, task=None):
@@ -673,8 +685,6 @@ def main(argv, task=None):
                     py_rng=to_list(rng.getstate()), torch_rng=torch.get_rng_state(), gen_rng=gen.get_state(), memory_step=memory.step)
         if teacher is not model:
             ckpt["teacher"] = teacher.state_dict()
-        if run.initial is not None:
-            ckpt["initial"] = run.initial.state_dict()
         if world > 1:
             ckpt.update(world_size=world, gen_rngs=[g for _, g in states])
         # both files are complete on disk before either replaces its old version; resume checks they match

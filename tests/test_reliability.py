@@ -133,20 +133,23 @@ def test_resume_after_sigkill_is_bit_exact(ref, tmp_path):
     assert_same_run(ref.out, b)
 
 
-def test_ablation_runs_resume_exactly_and_freeze_what_they_say(ref, tmp_path):
-    """Frozen memory (memory_steps) and frozen policy (memory_from=initial): the memory stops at its step, the policy
-    feeding it keeps the warm-up weights, and a resumed run (the initial copy comes from the checkpoint) is exact."""
-    args = RUN + ["--memory_from=initial", "--memory_steps=3", "--steps=4"]
+def test_co_evolution_variants_freeze_what_they_say_and_resume_exactly(ref, tmp_path):
+    """The paper's frozen policy (policy_frozen): the weights stay the warm-up's while the memory grows, and a resumed
+    run is exact. Its frozen memory (memory_init, memory_steps=0): that memory, unchanged, while the policy trains."""
+    args = RUN + ["--policy_frozen=true", "--steps=4"]
     train.main(args + dirs(tmp_path / "x", ref.cache))
     train.main(args[:-1] + ["--steps=2"] + dirs(tmp_path / "y", ref.cache))
     train.main(args + ["--init_from=resume"] + dirs(tmp_path / "y", ref.cache))
     assert_same_run(tmp_path / "x", tmp_path / "y")
     ckpt = torch.load(tmp_path / "x" / "ckpt.pt", weights_only=True)
     warm = torch.load(next((ref.cache).glob("warmup-*.pt")), weights_only=True)["model"]
-    assert all(torch.equal(ckpt["initial"][k], warm[k]) for k in warm) and not all(torch.equal(ckpt["model"][k], warm[k]) for k in warm)
-    assert Memory.load(str(tmp_path / "x" / "memory.json")).step == 3
-    train.main(RUN + ["--memory_steps=3", "--steps=4"] + dirs(tmp_path / "own", ref.cache))  # the same run, its memory fed by the student
-    assert open(tmp_path / "own" / "memory.json").read() != open(tmp_path / "x" / "memory.json").read()
+    assert all(torch.equal(ckpt["model"][k], warm[k]) for k in warm)
+    grown = Memory.load(str(tmp_path / "x" / "memory.json"))
+    assert grown.step == 4 and grown.experience
+    train.main(RUN + ["--steps=4", "--memory_steps=0", f"--memory_init={tmp_path / 'x' / 'memory.json'}"] + dirs(tmp_path / "z", ref.cache))
+    assert Memory.load(str(tmp_path / "z" / "memory.json")).state() == grown.state()
+    trained = torch.load(tmp_path / "z" / "ckpt.pt", weights_only=True)["model"]
+    assert not all(torch.equal(trained[k], warm[k]) for k in warm)
 
 
 # -----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ PROBLEMS = TASK.train[:2]
 
 def cfg(**kw):
     base = dict(group_size=2, temperature=1.0, method="pmd", memory_levels="experience,insight,pattern",
-                pg_weight=0.0, adv_std=False, alpha=0.0, topk=0, sampled_token=False, is_clip=0.0)
+                pg_weight=0.0, adv_std=False, alpha=0.0, topk=0, sampled_token=False, is_clip=0.0, transient=False, policy_frozen=False)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -57,15 +57,21 @@ def test_step_updates_the_memory_for_every_method(method):
     assert torch.isfinite(loss) and 0 <= stats["reward"] <= 1
 
 
-def test_the_memory_can_be_fed_by_another_policy():
-    """memory_policy (the frozen-policy ablation): the memory holds that policy's samples, not the student's."""
-    mem_own, mem_other = Memory(), Memory()
-    run(cfg(), mem_own)
-    torch.manual_seed(1)
-    other = GPT(GPTConfig(block_size=256, n_layer=1, n_head=2, n_embd=16))
-    run(cfg(), mem_other, memory_policy=other)
-    texts = lambda m: sorted(e["text"] for es in m.experience.values() for e in es)
-    assert mem_other.step == 1 and texts(mem_other) and texts(mem_other) != texts(mem_own)
+def test_transient_memory_holds_the_current_batch_only():
+    """PMD-Transient: whatever the memory held before, after a step it holds this batch's rollouts and nothing else."""
+    mem = Memory()
+    other = HiddenProcedures(n_groups=2, families_per_group=2, n_train=2, n_heldout=1, seed=5).train[-1]
+    mem.update([Rollout(other, other.solution, [], [], 1, "ok", None)])
+    run(cfg(transient=True), mem)
+    assert set(mem.groups) == {p.family for p in PROBLEMS} and mem.step == 2
+    assert sum(map(len, mem.experience.values())) <= 2 * len(PROBLEMS)
+
+
+def test_a_frozen_policy_only_feeds_the_memory():
+    """The paper's frozen policy: no loss at all, and the memory still gets the step's rollouts."""
+    mem, model = Memory(), tiny()
+    loss, stats = step(model, model, TASK, mem, PROBLEMS, cfg(policy_frozen=True), torch.Generator().manual_seed(0), "cpu")
+    assert loss is None and 0 <= stats["reward"] <= 1 and mem.step == 1 and set(mem.groups) == {p.family for p in PROBLEMS}
 
 
 def test_a_masked_rollout_longer_than_every_kept_one(monkeypatch):
