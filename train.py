@@ -238,6 +238,8 @@ def warn_pointless(c, task):
         why.append("memory_steps=0: the memory is never written, so PMD's teacher is shown an empty one")
     elif c.method == "pmd" and c.mem_budget < shortest:
         why.append(f"mem_budget={c.mem_budget} holds no memory line (the shortest takes {shortest} characters): PMD's teacher is shown no memory")
+    if c.method != "pmd" and (c.transient or c.memory_init) and not c.policy_frozen:
+        why.append(f"{'transient=True' if c.transient else 'memory_init'} with method={c.method}: only PMD's teacher reads the memory")
     if c.replay and not c.replay_weight:
         why.append(f"replay={c.replay} with replay_weight=0: the replay examples are computed, then ignored")
     for w in why:

@@ -83,7 +83,7 @@ def test_pointless_settings_warn_in_one_line(guarded, capsys):
     cases = {"--mem_budget=5": "mem_budget=5 holds no memory line", "--warmup_steps=0": "warmup_steps=0",
              "--memory_levels=": "memory_levels is empty", "--memory_steps=0": "memory_steps=0",
              "--method=grpo --group_size=1": "group_size=1", "--method=sdpo --temperature=0": "temperature=0",
-             "--replay_weight=0": "replay_weight=0"}
+             "--replay_weight=0": "replay_weight=0", "--method=sdpo --transient=true": "only PMD's teacher reads the memory"}
     for args, words in cases.items():
         assert outcome(args.split() + ["--out_dir=o"]) == "valid"
         warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
