@@ -160,7 +160,7 @@ def check_config(c):
     for key, spec in allowed_values().items():
         v = c[key]
         if isinstance(v, float) and not math.isfinite(v):
-            raise ValueError(f"{key}={v} is not a finite number (allowed: {spec[0]})")
+            raise ValueError(f"{key}={v} is not a finite number" + (f" (allowed: {spec[0]})" if spec else ""))
         if isinstance(v, str) and not v and key.endswith("_dir"):
             raise ValueError(f"{key} is empty: a directory is needed")
         if spec and not spec[1](v):
