@@ -26,6 +26,7 @@ of a faithful trace. Only faithful traces count as evidence for insights and pat
 import json
 import os
 import sys
+from collections import Counter
 
 LEVELS = ("experience", "insight", "pattern")
 SETTINGS = dict(  # defaults; train.py's config is the source of truth for a run
@@ -376,6 +377,10 @@ def describe_run(run_dir):
 
 def plot_run(run_dir, path):
     """A PNG: the memory's size per level over steps, and the per-family timeline as bars (memory right -> student)."""
+    recs, _, _ = read_run(run_dir)
+    new, tl = [r for r in recs if "memory_family" in r], timeline(recs)
+    if not new:
+        raise ValueError(f"{run_dir}/metrics.jsonl has no memory counts to plot (a run from before they were logged)")
     try:
         import matplotlib
 
@@ -383,10 +388,6 @@ def plot_run(run_dir, path):
         import matplotlib.pyplot as plt
     except ImportError:
         raise ValueError("--plot needs matplotlib (pip install matplotlib); training never does") from None
-    recs, _, _ = read_run(run_dir)
-    new, tl = [r for r in recs if "memory_family" in r], timeline(recs)
-    if not new:
-        raise ValueError(f"{run_dir}/metrics.jsonl has no memory counts to plot (a run from before they were logged)")
     fams = [f for f, t in tl.items() if t["set"] == "heldout"]
     end = new[-1]["step"]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 0.3 * len(fams) + 4))
@@ -433,9 +434,9 @@ def up_close(run_dir, family):
         raise ValueError(f"family {family!r} is not in this run's task (its families: {', '.join(sorted({p.family for p in task.heldout + task.unseen}))})")
     p = probs[0]
     models = {}
-    for who in ("student", "teacher"):
+    for who, state in (("student", ckpt["model"]), ("teacher", ckpt.get("teacher", ckpt["model"]))):  # a live teacher is the student
         models[who] = GPT(GPTConfig(c.block_size, c.n_layer, c.n_head, c.n_embd))
-        train.load_weights(models[who], ckpt.get(who if who == "teacher" else "model", ckpt["model"]), path)
+        train.load_weights(models[who], state, path)
         models[who].eval()
     context = mem.render(p, [l for l in c.memory_levels.split(",") if l])
     out = [f"family {family} at step {ckpt.get('step', '?')}, problem {p.pid} ({'new input' if p in task.heldout else 'unseen family'}); "
@@ -450,13 +451,10 @@ def up_close(run_dir, family):
         # what the student explores: its strategies over 16 samples at the RL temperature (None: an unfaithful trace)
         comps, _ = generate(models["student"], [encode(p.prompt)], 16, task.max_completion, c.temperature, torch.Generator().manual_seed(c.seed))
         texts = [decode(y) for y in comps]
-        tally = {}
-        for t in texts:
-            s = task.strategy(p, t)
-            tally[s and ",".join(s)] = tally.get(s and ",".join(s), 0) + 1
+    tally = Counter(",".join(s) if s else "unfaithful" for s in (task.strategy(p, t) for t in texts))
     passed = sum(task.verify(p, t)[0] for t in texts)
     out.append(f"student, 16 samples at temperature {c.temperature:g}: {passed} pass; strategies "
-               + ", ".join(f"{s or 'unfaithful'} x{n}" for s, n in sorted(tally.items(), key=lambda kv: -kv[1])))
+               + ", ".join(f"{s} x{n}" for s, n in tally.most_common()))
     return "\n".join(out)
 
 

@@ -177,19 +177,21 @@ def check_config(c):
             raise ValueError(f"device={c['device']!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
-TASK_INTERFACE = ("train", "heldout", "unseen", "max_completion", "verify", "strategy", "warmup_group", "solve", "attempt")
+TASK_PROBLEMS = ("train", "heldout", "unseen")  # lists of problems (unseen may be empty)
+TASK_METHODS = ("verify", "strategy", "warmup_group", "solve", "attempt")
+TASK_INTERFACE = TASK_PROBLEMS + ("max_completion",) + TASK_METHODS  # verify.py's docstring
 
 
 def check_task(task):
     """A task passed to main() has the interface in verify.py's docstring, and problems the loop can use."""
     name = type(task).__name__
     missing = [m for m in TASK_INTERFACE if not hasattr(task, m)]
-    missing += [m for m in TASK_INTERFACE[4:] if m not in missing and not callable(getattr(task, m))]
+    missing += [m for m in TASK_METHODS if m not in missing and not callable(getattr(task, m))]
     if missing:
         raise ValueError(f"task {name} lacks {', '.join(missing)} (the task interface is in verify.py's docstring)")
     if not isinstance(task.max_completion, int) or task.max_completion < 1:
         raise ValueError(f"task {name}: max_completion must be a positive int, got {task.max_completion!r}")
-    for split in TASK_INTERFACE[:3]:
+    for split in TASK_PROBLEMS:
         probs = getattr(task, split)
         if not isinstance(probs, list) or (split != "unseen" and not probs):
             raise ValueError(f"task {name}: {split} must be a " + ("list" if split == "unseen" else "non-empty list") + " of problems")
@@ -222,10 +224,7 @@ def check_fit(c, prompt_tokens, completion_tokens, train_problems, world):
 
 def warn_pointless(c, task):
     """Legal settings that make a run pointless: a one-line warning each, before any work."""
-    levels = [l for l in c.memory_levels.split(",") if l]
-    lines = reference_memory(task, c, budget=10**9).render(task.train[0], levels).splitlines()
-    shortest = min(map(len, lines), default=0) + 1
-    why = []
+    levels, why = [l for l in c.memory_levels.split(",") if l], []
     if c.warmup_steps == 0 and c.init_from == "scratch":
         why.append("warmup_steps=0: RL starts from an untrained model, which can neither execute a plan nor read a memory")
     if c.group_size == 1 and c.method in ("grpo", "sdpo"):
@@ -236,7 +235,7 @@ def warn_pointless(c, task):
         why.append("memory_levels is empty: PMD's teacher is shown no memory")
     elif c.method == "pmd" and c.memory_steps == 0 and not c.memory_init:
         why.append("memory_steps=0: the memory is never written, so PMD's teacher is shown an empty one")
-    elif c.method == "pmd" and c.mem_budget < shortest:
+    elif c.method == "pmd" and c.mem_budget < (shortest := shortest_line(task, c, levels)):
         why.append(f"mem_budget={c.mem_budget} holds no memory line (the shortest takes {shortest} characters): PMD's teacher is shown no memory")
     if c.method != "pmd" and (c.transient or c.memory_init) and not c.policy_frozen:
         why.append(f"{'transient=True' if c.transient else 'memory_init'} with method={c.method}: only PMD's teacher reads the memory")
@@ -245,6 +244,12 @@ def warn_pointless(c, task):
     for w in why:
         print(f"warning: {w}", file=sys.stderr)
     return why
+
+
+def shortest_line(task, c, levels):
+    """Characters (with its newline) of the shortest line PMD's memory renders for this task: a budget below it shows nothing."""
+    lines = reference_memory(task, c, budget=10**9).render(task.train[0], levels).splitlines()
+    return min(map(len, lines), default=0) + 1
 
 
 def memory_settings(c):
