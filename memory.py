@@ -7,9 +7,9 @@ Procedural memory: three levels, plain dicts and lists, saved as human-readable 
                 a strategy whose faithful traces passed on more inputs than they failed on is a
                 *strategy* (rendered `ok`); one that failed more is a *lesson* (rendered `bad`);
                 evidence both ways in equal measure retires it.
-    pattern     group -> {"i:step": {support: [families], against: [families]}}
-                steps that the confirmed strategies of several families of a group share; they are
-                what a family the memory has never seen can use.
+    pattern     cluster -> {"i:step": {support: [families], against: [families]}}
+                steps that the confirmed strategies of most families of a cluster share (a problem's group
+                names its clusters, space-separated); they are what a family the memory has never seen can use.
 
 The memory is task-agnostic: it sees problems only through their keys (pid, family, group, prompt)
 and traces only through the task's verdict (reward, feedback) and the strategy (a tuple of steps)
@@ -33,12 +33,12 @@ SETTINGS = dict(  # defaults; train.py's config is the source of truth for a run
     max_families=256,  # families kept (least recently updated evicted first)
     max_experiences=8,  # raw trajectories kept per family (failures evicted before successes)
     max_insights=16,  # strategies and lessons kept per family (weakest evidence evicted first)
-    max_patterns=8,  # patterns kept per group (most supported first)
+    max_patterns=8,  # patterns kept per cluster (most supported first)
     max_evidence=32,  # pids remembered per insight side (the most recent)
     min_agree=2,  # distinct passing inputs before a strategy counts as confirmed for patterns
     min_support=2,  # confirmed families sharing a step before it is a pattern
     budget=160,  # characters of rendered context per problem
-    lines=(2, 3, 2),  # at most this many lines per level: experience, insight, pattern
+    lines=(2, 3, 1),  # at most this many lines per level: experience, insight, pattern (0 or 1: one composed line)
 )
 
 
@@ -64,9 +64,9 @@ class Memory:
         self.settings["lines"] = tuple(self.settings["lines"])
         self.step = 0
         self.experience, self.insight, self.pattern = {}, {}, {}
-        self.groups = {}  # family -> group
+        self.groups = {}  # family -> its group (its clusters, space-separated)
         self.touched = {}  # family -> last step it was updated, least recently updated first (for eviction)
-        self.members = {}  # group -> its families: derived from groups, so that no update scans every family
+        self.members = {}  # cluster -> its families: derived from groups, so that no update scans every family
 
     # -- update: add experiences, reflect them into insights, consolidate patterns ----------------
 
@@ -76,7 +76,7 @@ class Memory:
         for r in rollouts:
             self.add(r.problem, r.completion, r.reward, r.feedback)
         self.reflect(rollouts)
-        self.consolidate({r.problem.group for r in rollouts})
+        self.consolidate({key for r in rollouts for key in r.problem.group.split()})
         self.evict()
 
     def forget(self):
@@ -86,7 +86,8 @@ class Memory:
     def add(self, problem, completion, reward, feedback):
         fam = problem.family
         if fam not in self.groups:
-            self.members.setdefault(problem.group, []).append(fam)
+            for key in problem.group.split():
+                self.members.setdefault(key, []).append(fam)
         self.groups[fam] = problem.group
         self.touched.pop(fam, None)  # re-insert: the dict stays in least-recently-updated order
         self.touched[fam] = self.step
@@ -129,9 +130,10 @@ class Memory:
         best = max(items, key=lambda s: net(items[s]), default=None)
         return best if best is not None and net(items[best]) >= self.settings["min_agree"] else None
 
-    def consolidate(self, groups):
-        """Recompute each group's patterns from its families' confirmed strategies."""
-        for g in sorted(groups):  # sorted: a set's order varies per process, and it orders the pattern dict
+    def consolidate(self, clusters):
+        """Recompute each cluster's patterns from its families' confirmed strategies: a step is a pattern when at least
+        min_support of them take it and more take it than not."""
+        for g in sorted(clusters):  # sorted: a set's order varies per process, and it orders the pattern dict
             plans = {f: self.confirmed(f).split(",") for f in self.members.get(g, []) if self.confirmed(f)}
             feats = {}
             for f, plan in plans.items():
@@ -159,7 +161,8 @@ class Memory:
     def evict(self):
         while len(self.touched) > self.settings["max_families"]:
             fam = next(iter(self.touched))  # the least recently updated
-            self.members[self.groups[fam]].remove(fam)
+            for key in self.groups[fam].split():
+                self.members[key].remove(fam)
             for d in (self.experience, self.insight, self.touched, self.groups):
                 d.pop(fam, None)
 
@@ -176,13 +179,13 @@ class Memory:
             by_level["experience"] = [f"={e['text']} {e['reward']}" + ("" if e["reward"] else f" {e['feedback']}") for e in exps[:n_exp]]
         if "insight" in levels:
             items = self.insight.get(problem.family, {})
-            # lessons only while no strategy has passed: then they are all there is, later they are noise to echo
-            shown = [s for s in items if net(items[s]) > 0] or [s for s in items if net(items[s]) < 0]
-            ranked = sorted(shown, key=lambda s: (-abs(net(items[s])), -items[s]["step"]))
-            by_level["insight"] = [insight_line(problem.family, s, net(items[s])) for s in ranked[:n_ins]]
+            ranked = sorted(items, key=lambda s: (-abs(net(items[s])), -items[s]["step"]))
+            # the strongest strategy alone once one has passed (a weaker one is a lucky pass until the evidence says
+            # otherwise); lessons only before that: then they are all there is, later they are noise to echo
+            shown = ([s for s in ranked if net(items[s]) > 0][:1] or [s for s in ranked if net(items[s]) < 0])[:n_ins]
+            by_level["insight"] = [insight_line(problem.family, s, net(items[s])) for s in shown]
         if "pattern" in levels:
-            pats = self.pattern.get(problem.group, {})
-            by_level["pattern"] = [f"#{problem.group}* {k} {len(p['support'])}" for k, p in list(pats.items())[:n_pat]]
+            by_level["pattern"] = [line for line in [self.compose(problem)] if line][:n_pat]
         # fill the budget in priority order: the best line of each level first
         chosen, used = set(), 0
         for rank in range(max(n_exp, n_ins, n_pat)):
@@ -191,6 +194,21 @@ class Memory:
                     chosen.add((lvl, rank))
                     used += len(by_level[lvl][rank]) + 1
         return "".join(line + "\n" for lvl in LEVELS for r, line in enumerate(by_level[lvl]) if (lvl, r) in chosen)
+
+    def compose(self, problem):
+        """The problem's clusters' patterns as one plan: each step the one its clusters' patterns name with the most
+        support ('?' where none names one), and the weakest support among the steps named: `#A48 via mev,rol,? 2`.
+        One line a small model copies, rather than several to combine; None when no cluster has a pattern."""
+        best = {}  # step index -> (support, step)
+        for key in problem.group.split():
+            for k, p in self.pattern.get(key, {}).items():
+                i, step = k.split(":", 1)
+                best[int(i)] = max(best.get(int(i), (0, "")), (len(p["support"]), step), key=lambda b: b[0])
+        if not best:
+            return None
+        n = max([len(self.confirmed(f).split(",")) for k in problem.group.split() for p in self.pattern.get(k, {}).values() for f in p["support"]] + list(best))
+        steps = ",".join(best[i][1] if i in best else "?" for i in range(1, n + 1))
+        return f"#{problem.family} via {steps} {min(min(b[0] for b in best.values()), 9)}"
 
     # -- save / load as JSON -----------------------------------------------------------------------
 
@@ -218,7 +236,8 @@ class Memory:
             mem.experience, mem.insight, mem.pattern = dict(d["experience"]), dict(d["insight"]), dict(d["pattern"])
             check_state(mem)
             for fam, g in mem.groups.items():
-                mem.members.setdefault(g, []).append(fam)
+                for key in g.split():
+                    mem.members.setdefault(key, []).append(fam)
         except FileNotFoundError:
             raise ValueError(f"memory file {path} not found") from None
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
@@ -258,17 +277,18 @@ def describe(mem):
     """The three levels as text a person reads."""
     out = [f"memory at step {mem.step}: {len(mem.groups)} families, {sum(map(len, mem.experience.values()))} experiences, "
            f"{sum(map(len, mem.insight.values()))} insights, {sum(map(len, mem.pattern.values()))} patterns"]
-    for g in sorted(set(mem.groups.values())):
-        out.append(f"\ngroup {g}")
-        for k, p in mem.pattern.get(g, {}).items():
-            out.append(f"  pattern  step {k} shared by {', '.join(p['support'])}" + (f" (not by {', '.join(p['against'])})" if p["against"] else ""))
-        for fam in sorted(f for f in mem.groups if mem.groups[f] == g):
-            out.append(f"  family {fam}")
-            for s, it in sorted(mem.insight.get(fam, {}).items(), key=lambda kv: -net(kv[1])):
-                kind = "strategy" if net(it) > 0 else "lesson  " if net(it) < 0 else "retired "
-                out.append(f"    {kind} {s:<16} passed on {len(it['agree'])} inputs, failed on {len(it['contradict'])}")
-            for e in mem.experience.get(fam, []):
-                out.append(f"    trace    {e['text']}  -> {e['reward']} {e['feedback']}")
+    if mem.pattern:
+        out.append("\npatterns (per cluster of families)")
+    for g, pats in sorted(mem.pattern.items()):
+        for k, p in pats.items():
+            out.append(f"  {g:<8} step {k} shared by {', '.join(p['support'])}" + (f" (not by {', '.join(p['against'])})" if p["against"] else ""))
+    for fam in sorted(mem.groups):
+        out.append(f"\nfamily {fam} ({mem.groups[fam]})")
+        for s, it in sorted(mem.insight.get(fam, {}).items(), key=lambda kv: -net(kv[1])):
+            kind = "strategy" if net(it) > 0 else "lesson  " if net(it) < 0 else "retired "
+            out.append(f"  {kind} {s:<16} passed on {len(it['agree'])} inputs, failed on {len(it['contradict'])}")
+        for e in mem.experience.get(fam, []):
+            out.append(f"  trace    {e['text']}  -> {e['reward']} {e['feedback']}")
     return "\n".join(out)
 
 
@@ -364,13 +384,13 @@ def describe_run(run_dir):
         unseen = {f: t for f, t in tl.items() if t["set"] == "unseen"}
         if unseen:
             families = recs[0].get("families", {})  # family -> [group, right strategy], logged at step 0
-            out.append("\nunseen families (RL never trains on them; only their group's patterns reach them)")
-            out.append(f"  {'family':<8}{'teacher':>9}{'student':>9}   patterns of its group in the final memory (right for it?)")
+            out.append("\nunseen families (RL never trains on them; only their clusters' patterns reach them)")
+            out.append(f"  {'family':<8}{'teacher':>9}{'student':>9}   patterns of its clusters in the final memory (right for it?)")
             for f, t in unseen.items():
                 group, plan = families.get(f, [None, None])
-                pats = (mem.pattern.get(group, {}) if mem else {}) if group else {}
-                said = ", ".join(f"{k} ({'yes' if plan and plan.split(',')[int(k.split(':')[0]) - 1] == k.split(':', 1)[1] else 'no'})"
-                                 for k in pats) or ("none" if group and mem else "unknown")
+                pats = [(key, k) for key in (group or "").split() for k in (mem.pattern.get(key, {}) if mem else {})]
+                said = ", ".join(f"{key} {k} ({'yes' if plan and plan.split(',')[int(k.split(':')[0]) - 1] == k.split(':', 1)[1] else 'no'})"
+                                 for key, k in pats) or ("none" if group and mem else "unknown")
                 out.append(f"  {f:<8}{fmt(t['teacher']):>9}{fmt(t['student']):>9}   {said}")
     return "\n".join(out)
 

@@ -251,25 +251,29 @@ def sft_loss(model, examples, device):
 # warm-up data: executing procedures and reading memory, on groups never used in RL
 
 
-def warmup_example(task, rng, memory_settings, p_plain=0.3):
-    """(context, prompt, completion) for one problem of a fresh warm-up group.
+def warmup_example(task, rng, memory_settings, p_plain=0.3, p_right=(0.0, 0.2, 0.5), p_unseen=0.35):
+    """(context, prompt, completion) for one problem of fresh warm-up families.
 
-    A memory is filled with plausible attempts (right and wrong, some unfaithful) at some problems of
-    the group, then rendered for the target problem with a random subset of levels. The target is
-    always the reference solution, so the model learns to use whatever the context tells it (copy a
-    passing plan, avoid a failed one, follow a group's shared step) and, without context, a uniform
-    guess over plans."""
+    A memory is filled with plausible attempts (right, wrong, lucky passes of wrong plans, some unfaithful) at some
+    problems of the families, then rendered for the target problem with a random subset of levels. The target is
+    always the reference solution, so the model learns to use whatever the context tells it (copy a confirmed plan,
+    weigh a lone pass against counted evidence, avoid a failed plan, take the steps its clusters share) and, without
+    context, a uniform guess over plans. p_plain: the share with no context; p_right: the rates of right attempts
+    a memory is drawn with (0: failures and lucky passes only, as in RL before discovery); p_unseen: the share whose
+    target family has no memory of its own (as a family RL never trains on)."""
     probs = task.warmup_group(rng)
     target = rng.choice(probs)
     if rng.random() < p_plain:
         return "", target.prompt, task.solve(target)
     mem = Memory(**memory_settings)
     seen = rng.sample(probs, rng.randint(1, len(probs)))
-    p_right = rng.choice((0.0, 0.2, 0.5))  # a third of the memories hold failures only, as in RL before discovery
+    if rng.random() < p_unseen:  # the target's family has no memory of its own: only its clusters' patterns reach it
+        seen = [p for p in seen if p.family != target.family] or seen
+    rate = rng.choice(p_right)
     rolls = []
     for p in seen:
         for _ in range(rng.randint(1, 4)):
-            text = task.attempt(p, rng, p_right)
+            text = task.attempt(p, rng, rate, p_lucky=0.3)
             reward, feedback = task.verify(p, text)
             rolls.append(Rollout(p, text, [], [], reward, feedback, task.strategy(p, text)))
     mem.update(rolls)

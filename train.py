@@ -45,14 +45,15 @@ device = "auto"  # auto|cpu|cuda|cuda:N: auto is cuda if available, else cpu
 compile = False  # torch.compile the student (CUDA)
 seed = 1337  # [0, 4294967295]: RL seed: problem order, sampling
 # task (the built-in hidden-procedure task; its difficulty knobs)
-plan_len = 3  # [1, 6]: ops per hidden plan
+plan_len = 2  # [1, 6]: ops per hidden plan (a random plan is right 1 time in n_ops**plan_len)
 n_ops = 6  # [2, 8]: ops to choose from
-n_groups = 3  # [1, 8]: RL groups (families of a group share their first op; at most n_ops)
-families_per_group = 4  # [1, 86]: RL families per group (with n_unseen at most 86: ids 10-99, a few kept for warm-up)
+n_groups = 3  # [1, 10]: letters of RL ids (each sets its own first op: at most n_ops)
+families_per_group = 4  # [1, 50]: RL families per letter (with n_unseen at most the ids a letter has)
 input_len = 5  # [2, 12]: letters per input string
 n_train = 32  # [1, inf): RL inputs per family (with n_heldout at most the 12**input_len distinct inputs)
 n_heldout = 8  # [1, inf): held-out inputs per family (evaluation only), and inputs per unseen family
-n_unseen = 2  # [0, 85]: families per group that RL never trains on (evaluation only: what transfers to a new problem)
+n_unseen = 2  # [0, inf): families per letter that RL never trains on, made of id characters RL families use (evaluation only)
+answer_len = 2  # [1, 12]: letters of the last string the verifier checks (at most input_len): a wrong plan passes by chance about 1 time in 12**answer_len
 task_seed = 0  # [0, 4294967295]: the family table
 # model
 n_layer = 3  # [1, inf)
@@ -60,7 +61,7 @@ n_head = 4  # [1, inf): n_embd / n_head must be an even number (rotary embedding
 n_embd = 128  # [2, inf)
 block_size = 256  # [1, inf): tokens a sequence may hold: memory budget + prompt + completion must fit
 # warm-up: executing procedures and reading memory lines, on groups never used in RL
-warmup_steps = 1200  # [0, inf): 0 starts RL from an untrained model
+warmup_steps = 1600  # [0, inf): 0 starts RL from an untrained model
 warmup_batch = 32  # [1, inf)
 warmup_lr = 2e-3  # (0, 1]: at 1e-3 whether the model learns to read a context within 1200 steps hangs on the data's order
 warmup_seed = 0  # [0, 4294967295]
@@ -155,6 +156,9 @@ def parse_args(argv, defaults):
     return SimpleNamespace(**cfg)
 
 
+TASK_SETTINGS = ("plan_len", "n_ops", "n_groups", "families_per_group", "input_len", "n_train", "n_heldout", "n_unseen", "answer_len")
+
+
 def check_config(c):
     """Every setting alone (its comment's range or set), then the combinations that cannot work."""
     for key, spec in allowed_values().items():
@@ -169,7 +173,7 @@ def check_config(c):
         raise ValueError(f"n_embd={c['n_embd']} / n_head={c['n_head']} must be an even whole number (a head's size; rotary embeddings rotate pairs)")
     if c["sampled_token"] and c["topk"]:
         raise ValueError(f"sampled_token=True and topk={c['topk']} exclude each other (the sampled-token form uses one token)")
-    check_task_settings(**{k: c[k] for k in ("plan_len", "n_ops", "n_groups", "families_per_group", "input_len", "n_train", "n_heldout", "n_unseen")})
+    check_task_settings(**{k: c[k] for k in TASK_SETTINGS})
     if c["device"].startswith("cuda"):
         if not torch.cuda.is_available():
             raise ValueError(f"device={c['device']!r}: CUDA is not available (use cpu or auto)")
@@ -259,7 +263,7 @@ def memory_settings(c):
 
 
 def make_task(c):
-    return HiddenProcedures(c.plan_len, c.n_ops, c.n_groups, c.families_per_group, c.input_len, c.n_train, c.n_heldout, c.task_seed, c.n_unseen)
+    return HiddenProcedures(seed=c.task_seed, **{k: getattr(c, k) for k in TASK_SETTINGS})
 
 
 def pick_device(c):
@@ -389,19 +393,22 @@ def pass_at_k(model, task, problems, c, device):
 
 
 def reference_memory(task, c, budget=None):
-    """A memory of verified reference traces of a few training problems per RL family, plus wrong attempts: what
-    PMD's memory holds once the policy has found each family's plan. budget: the render budget, if not c's."""
+    """What PMD's memory holds once the policy has found each family's plan, and just after a lucky pass: per RL family,
+    verified reference traces of 3 training problems with a wrong attempt each, then (the most recent experience) an
+    attempt at a 4th that passes with a wrong plan where the task has one. budget: the render budget, if not c's."""
     rng = random.Random(c.seed)
     mem = Memory(**dict(memory_settings(c), budget=budget or c.mem_budget))
-    rolls, per_family = [], {}
+    per_family = {}
     for p in task.train:
         per_family.setdefault(p.family, []).append(p)
-    for fam_problems in per_family.values():
-        for p in fam_problems[:3]:
-            for text in (task.solve(p), task.attempt(p, rng, 0.0)):
-                r, fb = task.verify(p, text)
-                rolls.append(Rollout(p, text, [], [], r, fb, task.strategy(p, text)))
-    mem.update(rolls)
+    found = [(p, text) for probs in per_family.values() for p in probs[:3] for text in (task.solve(p), task.attempt(p, rng, 0.0, p_lucky=0.0))]
+    lucky = [(probs[3], task.attempt(probs[3], rng, 0.0, p_lucky=1.0)) for probs in per_family.values() if len(probs) > 3]
+    for batch in (found, lucky):
+        rolls = []
+        for p, text in batch:
+            r, fb = task.verify(p, text)
+            rolls.append(Rollout(p, text, [], [], r, fb, task.strategy(p, text)))
+        mem.update(rolls)
     return mem
 
 
@@ -444,12 +451,12 @@ def evaluate(model, teacher, task, memory, c, device, pass_k=False, right=None):
 # warm-up (cached: every method and seed starts from the same weights)
 
 
-WARMUP_VERSION = 2  # part of the cache key: bump it when the model's code or the warm-up data change
+WARMUP_VERSION = 3  # part of the cache key: bump it when the model's code or the warm-up data change
 
 
 def warmup(c, task, device):
     """The warm-up checkpoint for this config and task: loaded from cache_dir, or trained and cached."""
-    keys = ("plan_len", "n_ops", "input_len", "n_layer", "n_head", "n_embd", "block_size", "warmup_steps", "warmup_batch", "warmup_lr",
+    keys = ("plan_len", "n_ops", "input_len", "answer_len", "n_layer", "n_head", "n_embd", "block_size", "warmup_steps", "warmup_batch", "warmup_lr",
             "warmup_seed", "mem_max_experiences", "mem_max_insights", "mem_min_agree", "mem_min_support", "mem_budget")
     problems = [p.pid for p in task.train + task.heldout + task.unseen]  # a task's settings show in its problems
     key = dict({k: getattr(c, k) for k in keys}, task=type(task).__name__, max_completion=task.max_completion, version=WARMUP_VERSION,
@@ -462,21 +469,16 @@ def warmup(c, task, device):
         model.load_state_dict(load_checkpoint(path)["model"])
         print(f"warm-up: loaded {path}")
         return model
-    # one CPU thread: with two, some kernels add in a varying order, and whether the warm-up learns to read a context
-    # hangs on such small differences (README, Speed); one thread gives the same weights in every process
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train_warmup(model, c, task, device)
-    finally:
-        torch.set_num_threads(threads)
+    train_warmup(model, c, task, device)
     os.makedirs(c.cache_dir, exist_ok=True)
     atomic_save(dict(model=model.state_dict(), config=vars(c)), path)
     return model
 
 
 def train_warmup(model, c, task, device):
-    """Supervised steps on fresh warm-up groups (pmd.warmup_example): executing a plan, reading a memory's context."""
+    """Supervised steps on fresh warm-up families (pmd.warmup_example), in three phases: executing a plan with no context
+    (the first 5/12 of the steps), then reading contexts whose memories hold more right attempts than RL's will (to
+    11/12), then the mix RL's memories have. Execution first is what makes the warm-up reliable (README, Warm-up)."""
     rng = random.Random(c.warmup_seed)
     opt = torch.optim.AdamW(model.parameters(), lr=c.warmup_lr, weight_decay=0.0)
     settings = memory_settings(c)
@@ -486,7 +488,8 @@ def train_warmup(model, c, task, device):
         for g in opt.param_groups:  # linear ramp, then linear decay to zero
             g["lr"] = c.warmup_lr * min(1.0, (it + 1) / 50) * (1 - it / c.warmup_steps)
         if not batches:  # draw 32 batches at once and group them by length: 3 % padding (11 % over 8 batches, 57 % ungrouped)
-            pool = sorted((warmup_example(task, rng, settings) for _ in range(32 * c.warmup_batch)), key=lambda e: sum(map(len, e)))
+            phase = dict(p_plain=1) if it < c.warmup_steps * 5 // 12 else dict(p_plain=0, p_right=(0.5, 0.8, 1.0)) if it < c.warmup_steps * 11 // 12 else {}
+            pool = sorted((warmup_example(task, rng, settings, **phase) for _ in range(32 * c.warmup_batch)), key=lambda e: sum(map(len, e)))
             batches = [pool[i : i + c.warmup_batch] for i in range(0, len(pool), c.warmup_batch)]
             rng.shuffle(batches)
         batch = batches.pop()

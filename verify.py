@@ -1,23 +1,30 @@
 """
 The built-in task, hidden procedures, and its verifier.
 
-A family (an id like `A07`) is bound to a hidden plan: a short sequence of string ops. A problem is a
+A family (an id like `A48`) is bound to a hidden plan: a short sequence of string ops. A problem is a
 family id plus an input string; the model must write the plan it chose, every intermediate string,
-then stop:   prompt `A07:kdbea>`   completion `rev,inc,swp|aebdk|bfcel|fbelc` + newline.
-Families form groups (the id's letter) whose plans share their first op, so something holds across
-families for pattern memory to find. The verifier replays the trace: reward 1 iff every step is the
-stated op applied to the previous string (the trace is faithful) and the answer is right.
+then stop:   prompt `A48:kdbea>`   completion `rol,swp,mev|dbeak|bdaek|ydxeo` + newline.
+The binding is compositional: step i of a plan is set by one character of the id (the letter sets step 1,
+the first digit step 2, the second digit step 3, then round again), through tables hidden from the model.
+So families that share an id character share a step, and a family RL never trains on, made of characters
+RL families use, has a plan that what holds across families (pattern memory) names in full.
+The verifier replays the trace: reward 1 iff every step is the stated op applied to the previous string
+(the trace is faithful) and the answer (the first answer_len letters of the last string) is right. A wrong
+plan can give the right answer on some inputs by coincidence: one passing trace does not prove a plan,
+evidence counted over inputs does.
 
 The task interface the loop and the memory use (replace this class to plug in your own task):
     task.train, task.heldout          lists of Problem (pid, family, group, prompt, solution): RL problems, and new
-                                      inputs of the same families (evaluation only)
+                                      inputs of the same families (evaluation only); group names the clusters a
+                                      problem belongs to, space-separated (here one per id character: `A** *4* **8`)
     task.unseen                       problems of families RL never trains on (evaluation only; may be empty)
     task.verify(problem, completion)  -> (reward in {0, 1}, feedback str); never raises
     task.strategy(problem, completion) -> tuple of steps if the trace is faithful, else None
     task.max_completion               tokens a completion may take
-    task.warmup_group(rng)            problems of a fresh group, never used in RL (for warm-up)
+    task.warmup_group(rng)            problems of fresh families, never used in RL (for warm-up)
     task.solve(problem)               the reference completion
-    task.attempt(problem, rng, p_right)  a plausible attempt, right with probability p_right (for warm-up memories)
+    task.attempt(problem, rng, p_right, p_lucky)  a plausible attempt, right with probability p_right, else a wrong
+                                      plan that passes this input by coincidence with probability p_lucky (for warm-up memories)
 """
 import itertools
 import random
@@ -34,24 +41,27 @@ def _shift(s, k):
     return s.translate(_SHIFTS[k % len(ALPHABET)])
 
 
-OPS = {  # ordered: n_ops takes the first n
+OPS = {  # ordered: n_ops takes the first n. The first six were chosen so that few 3-op plans tie (README)
     "rev": lambda s: s[::-1],
     "rol": lambda s: s[1:] + s[:1],
     "swp": lambda s: "".join(s[i : i + 2][::-1] for i in range(0, len(s), 2)),
+    "stp": lambda s: "".join(c.translate(_SHIFTS[(i + 1) % len(ALPHABET)]) for i, c in enumerate(s)),  # letter i shifted by i + 1
+    "bmp": lambda s: _shift(s[:1], 1) + s[1:],  # the first letter shifted by one
+    "mev": lambda s: "".join(c.translate(_MIRROR) if i % 2 == 0 else c for i, c in enumerate(s)),  # letters 0, 2, 4 mirrored
+    "ror": lambda s: s[-1:] + s[:-1],
     "inc": lambda s: _shift(s, 1),
     "mir": lambda s: s.translate(_MIRROR),
-    "stp": lambda s: "".join(c.translate(_SHIFTS[(i + 1) % len(ALPHABET)]) for i, c in enumerate(s)),  # shifts do not commute with moves only when position-dependent
-    "ror": lambda s: s[-1:] + s[:-1],
     "dec": lambda s: _shift(s, -1),
 }
-GROUPS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # RL groups take the first n_groups; warm-up groups any letter
+GROUPS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # an id's letter: RL families take the first n_groups; warm-up families any letter
+DIGITS = "0123456789"
 
 
 @dataclass(frozen=True)
 class Problem:
     pid: str  # unique: family and input
     family: str
-    group: str
+    group: str  # the clusters the problem belongs to, space-separated (the memory's pattern level is kept per cluster)
     prompt: str
     solution: str  # the reference completion (never shown to the model)
 
@@ -69,68 +79,112 @@ def trace(plan, s):
     return ",".join(plan) + "|" + "|".join(run_plan(plan, s)) + "\n"
 
 
+def clusters(family):
+    """`A48` -> `A** *4* **8`: the families that share each id character (and so a step of their plans)."""
+    return " ".join("*" * i + c + "*" * (len(family) - 1 - i) for i, c in enumerate(family))
+
+
 def sizes(plan_len, input_len):
-    """(prompt, completion) lengths in characters (= tokens) at most: `A07:kdbea>` and `rev,inc,swp|aebdk|bfcel|fbelc` + newline."""
+    """(prompt, completion) lengths in characters (= tokens) at most: `A48:kdbea>` and `rol,swp,mev|dbeak|bdaek|ydxeo` + newline."""
     return 3 + 1 + input_len + 1, 4 * plan_len + (input_len + 1) * plan_len + 2
 
 
-def check_settings(plan_len, n_ops, n_groups, families_per_group, input_len, n_train, n_heldout, n_unseen):
+def digit_values(n_groups, families_per_group):
+    """Values each digit of an RL id takes: about a third of the families share each, so a step has witnesses."""
+    return min(len(DIGITS), max(2, n_groups * families_per_group // 3))
+
+
+def check_settings(plan_len, n_ops, n_groups, families_per_group, input_len, n_train, n_heldout, n_unseen, answer_len):
     """The task's settings, each and together; a ValueError naming the setting, its value and what is allowed."""
     ranges = dict(plan_len=(plan_len, 1, 6), n_ops=(n_ops, 2, len(OPS)), n_groups=(n_groups, 1, n_ops), input_len=(input_len, 2, len(ALPHABET)),
-                  families_per_group=(families_per_group, 1, 86), n_train=(n_train, 1, None), n_heldout=(n_heldout, 1, None),
-                  n_unseen=(n_unseen, 0, 86 - families_per_group))  # ids 10-99 per group letter, 4 left for a warm-up group
+                  families_per_group=(families_per_group, 1, 50), n_train=(n_train, 1, None), n_heldout=(n_heldout, 1, None),
+                  n_unseen=(n_unseen, 0, None), answer_len=(answer_len, 1, input_len))
     for key, (v, lo, hi) in ranges.items():
         if not (lo <= v and (hi is None or v <= hi)):
-            raise ValueError(f"{key}={v} is not allowed: [{lo}, {'inf)' if hi is None else f'{hi}]'}" + (" (at most n_ops: a group's first op is its own)" if key == "n_groups" else
-                             " (families_per_group + n_unseen <= 86)" if key == "n_unseen" else ""))
+            raise ValueError(f"{key}={v} is not allowed: [{lo}, {'inf)' if hi is None else f'{hi}]'}" + (" (at most n_ops: each letter sets its own first op)" if key == "n_groups" else
+                             " (at most input_len)" if key == "answer_len" else ""))
+    ids = digit_values(n_groups, families_per_group) ** 2
+    if families_per_group + n_unseen > ids:
+        raise ValueError(f"families_per_group={families_per_group} + n_unseen={n_unseen} exceed the {ids} ids a letter has here")
     if n_train + n_heldout > len(ALPHABET) ** input_len:
         raise ValueError(f"n_train={n_train} + n_heldout={n_heldout} exceed the {len(ALPHABET) ** input_len} distinct inputs of input_len={input_len}")
 
 
 class HiddenProcedures:
-    def __init__(self, plan_len=3, n_ops=6, n_groups=3, families_per_group=4, input_len=5, n_train=32, n_heldout=8, seed=0, n_unseen=2):
-        check_settings(plan_len, n_ops, n_groups, families_per_group, input_len, n_train, n_heldout, n_unseen)
-        self.plan_len, self.input_len = plan_len, input_len
+    def __init__(self, plan_len=2, n_ops=6, n_groups=3, families_per_group=4, input_len=5, n_train=32, n_heldout=8, seed=0, n_unseen=2, answer_len=2):
+        check_settings(plan_len, n_ops, n_groups, families_per_group, input_len, n_train, n_heldout, n_unseen, answer_len)
+        self.plan_len, self.input_len, self.answer_len = plan_len, input_len, answer_len
         self.ops = list(OPS)[:n_ops]
         self.max_completion = sizes(plan_len, input_len)[1]
         rng = random.Random(seed)
         self.plans = self._unambiguous_plans(rng)
-        self.families = {}  # family id -> hidden plan (RL families and unseen ones)
+        letters, k = GROUPS[:n_groups], digit_values(n_groups, families_per_group)
+        chars = (letters, "".join(rng.sample(DIGITS, k)), "".join(rng.sample(DIGITS, k)))  # what each id position takes
+        rl = self._rl_ids(rng, chars, families_per_group)
+        self.tables = self._bind(rng, chars, rl)  # step -> id character -> op
+        plan = lambda f: tuple(self.tables[i][f[i % 3]] for i in range(plan_len))
+        self.families = {f: plan(f) for f in rl}  # family id -> hidden plan (RL families, then the unseen ones)
         self.train, self.heldout, self.unseen = [], [], []
-        firsts = [op for op in self.ops if any(p[0] == op for p in self.plans)]  # every op, unless one starts no plan
-        groups = list(zip(GROUPS, rng.sample(firsts, n_groups)))
-        for g, first in groups:
-            nums = rng.sample(range(10, 100), families_per_group)
-            for num, plan in zip(nums, self._draw_plans(rng, first, families_per_group)):
-                fam = f"{g}{num:02d}"
-                self.families[fam] = plan
-                inputs = self._distinct_inputs(rng, n_train + n_heldout)
-                probs = [self._problem(fam, g, plan, s) for s in inputs]
-                self.train += probs[:n_train]
-                self.heldout += probs[n_train:]
-        # families RL never trains on, drawn after the RL families so that adding them leaves the RL table as it is;
-        # a family of a group shares only the group's first op with the others: that is all that transfers to it
-        for g, first in groups:
-            nums = rng.sample([n for n in range(10, 100) if f"{g}{n:02d}" not in self.families], n_unseen)
-            for num, plan in zip(nums, self._draw_plans(rng, first, n_unseen)):
-                fam = f"{g}{num:02d}"
-                self.families[fam] = plan
-                self.unseen += [self._problem(fam, g, plan, s) for s in self._distinct_inputs(rng, n_heldout)]
+        for f in rl:
+            probs = [self._problem(f, s) for s in self._distinct_inputs(rng, n_train + n_heldout)]
+            self.train += probs[:n_train]
+            self.heldout += probs[n_train:]
+        # families RL never trains on: other combinations of the same characters (with an unambiguous plan), so every
+        # step of their plans is one that some RL families share; drawn last, so that they leave the RL table as it is
+        plans = set(self.plans)
+        for g in letters:
+            free = [f for f in (g + a + b for a in chars[1] for b in chars[2]) if f not in self.families and plan(f) in plans]
+            if len(free) < n_unseen:
+                raise ValueError(f"n_unseen={n_unseen} is not allowed here: letter {g} has {len(free)} more ids with an unambiguous plan")
+            for f in rng.sample(free, n_unseen):
+                self.families[f] = plan(f)
+                self.unseen += [self._problem(f, s) for s in self._distinct_inputs(rng, n_heldout)]
 
-    def _draw_plans(self, rng, first, k):
-        """k plans starting with first, distinct from every family's so far while there are enough; a first op
-        that starts fewer (plan_len 1 starts one) gives some families the same plan."""
-        fresh = [p for p in self.plans if p[0] == first and p not in self.families.values()]
-        picks = rng.sample(fresh, min(k, len(fresh)))
-        return picks + [rng.choice([p for p in self.plans if p[0] == first]) for _ in range(k - len(picks))]
+    def _rl_ids(self, rng, chars, per_letter):
+        """per_letter ids per letter, drawn until every digit value is in at least two of them, of two letters, where that
+        is possible: a digit's step then has witnesses that do not share their other steps."""
+        letters, tens, units = chars
+        need = min(2, len(letters), len(letters) * per_letter // len(tens))
+        for _ in range(1000):
+            ids = [g + a + b for g in letters for a, b in rng.sample(list(itertools.product(tens, units)), per_letter)]
+            if all(len({f[0] for f in ids if f[pos] == c}) >= need for pos in (1, 2) for c in chars[pos]):
+                return ids
+        return ids
+
+    def _bind(self, rng, chars, families):
+        """The hidden tables, step -> {id character: op}, drawn at random (distinct ops for a position's characters where
+        there are enough) among those that leave every family's plan unambiguous: a small backtracking search, step by
+        step, that drops a choice as soon as some family's plan so far starts no unambiguous plan."""
+        starts = {p[:j] for p in self.plans for j in range(1, self.plan_len + 1)}
+        slots = [(i, c) for i in range(self.plan_len) for c in chars[i % 3]]
+        for distinct in (True, False):
+            tables, budget = [{} for _ in range(self.plan_len)], [20000]
+
+            def fill(k):
+                if k == len(slots):
+                    return True
+                i, c = slots[k]
+                for op in rng.sample(self.ops, len(self.ops)):
+                    budget[0] -= 1
+                    if budget[0] < 0 or (distinct and len(chars[i % 3]) <= len(self.ops) and op in tables[i].values()):
+                        continue
+                    tables[i][c] = op
+                    if all(tuple(tables[j][f[j % 3]] for j in range(i + 1)) in starts for f in families if f[i % 3] == c) and fill(k + 1):
+                        return True
+                    del tables[i][c]
+                return False
+
+            if fill(0):
+                return tables
+        raise ValueError("no binding leaves every family's plan unambiguous: try another task_seed, more n_ops or a larger answer_len")
 
     def _unambiguous_plans(self, rng):
-        """All plans whose input-output map no other plan shares (checked on random probes): a passing
-        faithful trace then names the family's plan, and two plans never tie."""
+        """All plans whose answers no other plan shares (checked on random probes): a plan that passes on every input
+        is then the family's plan, and two families' plans never tie."""
         probes = self._distinct_inputs(rng, 64)
         by_sig = {}
         for plan in itertools.product(self.ops, repeat=self.plan_len):
-            by_sig.setdefault(tuple(run_plan(plan, s)[-1] for s in probes), []).append(plan)
+            by_sig.setdefault(tuple(run_plan(plan, s)[-1][: self.answer_len] for s in probes), []).append(plan)
         return sorted(ps[0] for ps in by_sig.values() if len(ps) == 1)
 
     def _distinct_inputs(self, rng, n):
@@ -139,8 +193,9 @@ class HiddenProcedures:
             seen.add("".join(rng.choice(ALPHABET) for _ in range(self.input_len)))
         return sorted(sorted(seen), key=lambda _: rng.random())  # sorted first: a set's order varies per process (str hashing)
 
-    def _problem(self, fam, group, plan, s):
-        return Problem(pid=f"{fam}:{s}", family=fam, group=group, prompt=f"{fam}:{s}>", solution=trace(plan, s))
+    def _problem(self, fam, s, plan=None):
+        plan = plan or self.families[fam]
+        return Problem(pid=f"{fam}:{s}", family=fam, group=clusters(fam), prompt=f"{fam}:{s}>", solution=trace(plan, s))
 
     # -- verifier ---------------------------------------------------------------------------------
 
@@ -159,7 +214,7 @@ class HiddenProcedures:
             s = OPS[op](s)
             if got != s:
                 return 0, f"step {k} wrong", None
-        if s != problem.solution[:-1].split("|")[-1]:
+        if s[: self.answer_len] != problem.solution[:-1].split("|")[-1][: self.answer_len]:
             return 0, "wrong plan", plan
         return 1, "ok", plan
 
@@ -172,26 +227,31 @@ class HiddenProcedures:
 
     # -- warm-up ----------------------------------------------------------------------------------
 
-    def warmup_group(self, rng, n_families=4, n_inputs=6):
-        """Problems of a fresh group: a random letter and first op, random plans, and ids that are never
-        an RL family's (so warm-up teaches every id character but no RL family's plan)."""
-        g, first = rng.choice(GROUPS), rng.choice(self.ops)
+    def warmup_group(self, rng, n_families=6, n_inputs=4):
+        """Problems of fresh families bound as RL's are (two letters, two values per digit, fresh random tables), with ids
+        that are never an RL or unseen family's: warm-up teaches every id character but no RL family's plan."""
+        chars = (rng.sample(GROUPS, 2), rng.sample(DIGITS, 2), rng.sample(DIGITS, 2))
+        tables = [dict(zip(chars[i % 3], rng.sample(self.ops, 2))) for i in range(self.plan_len)]  # distinct ops per position, as RL's
+        ids = [g + a + b for g in chars[0] for a in chars[1] for b in chars[2] if g + a + b not in self.families]
         probs = []
-        nums = [n for n in range(10, 100) if f"{g}{n:02d}" not in self.families]
-        for num in rng.sample(nums, n_families):
-            plan = (first,) + tuple(rng.choice(self.ops) for _ in range(self.plan_len - 1))
-            probs += [self._problem(f"{g}{num:02d}", g, plan, s) for s in self._distinct_inputs(rng, n_inputs)]
+        for f in rng.sample(ids, min(n_families, len(ids))):
+            plan = tuple(tables[i][f[i % 3]] for i in range(self.plan_len))
+            probs += [self._problem(f, s, plan) for s in self._distinct_inputs(rng, n_inputs)]
         return probs
 
     def solve(self, problem):
         return problem.solution
 
-    def attempt(self, problem, rng, p_right=0.4, p_slip=0.1):
-        """A plausible attempt: the right plan or a random one, executed faithfully or with one slip."""
-        plan = problem.solution.split("|")[0].split(",")
+    def attempt(self, problem, rng, p_right=0.4, p_lucky=0.0, p_slip=0.1):
+        """A plausible attempt: the right plan; else, with probability p_lucky, a wrong plan that gives the right answer
+        on this input by coincidence (if a few draws find one); else a random plan. Executed faithfully or with one slip."""
+        right, s = tuple(problem.solution.split("|")[0].split(",")), problem.prompt.split(":", 1)[1][:-1]
+        plan = right
         if rng.random() > p_right:
-            plan = [rng.choice(self.ops) for _ in range(self.plan_len)]
-        steps = run_plan(plan, problem.prompt.split(":", 1)[1][:-1])
+            draws = [tuple(rng.choice(self.ops) for _ in range(self.plan_len)) for _ in range(64 if rng.random() < p_lucky else 1)]
+            want = run_plan(right, s)[-1][: self.answer_len]
+            plan = next((q for q in draws if q != right and run_plan(q, s)[-1][: self.answer_len] == want), draws[-1])
+        steps = run_plan(plan, s)
         if rng.random() < p_slip:
             k = rng.randrange(len(steps))
             steps[k] = steps[k][::-1] if steps[k] != steps[k][::-1] else _shift(steps[k], 1)

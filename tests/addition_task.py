@@ -137,8 +137,9 @@ class AdditionTask:
     def solve(self, problem):
         return problem.solution
 
-    def attempt(self, problem, rng, p_right=0.4, p_slip=0.1):
-        """A plausible attempt: the right carry plan or a random one, written faithfully or with one slipped sum."""
+    def attempt(self, problem, rng, p_right=0.4, p_lucky=0.0, p_slip=0.1):
+        """A plausible attempt: the right carry plan or a random one, written faithfully or with one slipped sum. A wrong
+        carry plan never gives the right sum, so there is no lucky pass to draw (p_lucky is accepted and has no effect)."""
         a, b = self.operands(problem)
         plan = list(true_plan(a, b))
         if rng.random() > p_right:

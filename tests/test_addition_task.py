@@ -107,7 +107,7 @@ def test_each_method_runs_on_the_addition_task(add_runs, method):
 
 
 class DocumentedInterface:
-    """Exactly the interface verify.py's docstring lists, no more: attempt(problem, rng, p_right) takes no p_slip."""
+    """Exactly the interface verify.py's docstring lists, no more: attempt(problem, rng, p_right, p_lucky) takes no p_slip."""
 
     def __init__(self, inner):
         self.inner, self.train, self.heldout, self.unseen = inner, inner.train, inner.heldout, inner.unseen
@@ -125,8 +125,8 @@ class DocumentedInterface:
     def solve(self, problem):
         return self.inner.solve(problem)
 
-    def attempt(self, problem, rng, p_right):
-        return self.inner.attempt(problem, rng, p_right)
+    def attempt(self, problem, rng, p_right, p_lucky):
+        return self.inner.attempt(problem, rng, p_right, p_lucky)
 
 
 def test_loop_needs_only_the_documented_interface(tmp_path):
