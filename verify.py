@@ -89,23 +89,21 @@ def sizes(plan_len, input_len):
     return 3 + 1 + input_len + 1, 4 * plan_len + (input_len + 1) * plan_len + 2
 
 
-def digit_values(n_groups, families_per_group):
-    """Values each digit of an RL id takes: about a third of the families share each, so a step has witnesses."""
-    return min(len(DIGITS), max(2, n_groups * families_per_group // 3))
+def digit_values(families_per_group):
+    """Values each digit of an id takes: two more than a letter's RL families, so each letter keeps two first digits
+    that none of its RL families has (a family RL never trains on is then a new combination, not a copy of one)."""
+    return families_per_group + 2
 
 
 def check_settings(plan_len, n_ops, n_groups, families_per_group, input_len, n_train, n_heldout, n_unseen, answer_len):
     """The task's settings, each and together; a ValueError naming the setting, its value and what is allowed."""
     ranges = dict(plan_len=(plan_len, 1, 6), n_ops=(n_ops, 2, len(OPS)), n_groups=(n_groups, 1, n_ops), input_len=(input_len, 2, len(ALPHABET)),
-                  families_per_group=(families_per_group, 1, 50), n_train=(n_train, 1, None), n_heldout=(n_heldout, 1, None),
-                  n_unseen=(n_unseen, 0, None), answer_len=(answer_len, 1, input_len))
+                  families_per_group=(families_per_group, 1, 8), n_train=(n_train, 1, None), n_heldout=(n_heldout, 1, None),
+                  n_unseen=(n_unseen, 0, 2), answer_len=(answer_len, 1, input_len))
     for key, (v, lo, hi) in ranges.items():
         if not (lo <= v and (hi is None or v <= hi)):
             raise ValueError(f"{key}={v} is not allowed: [{lo}, {'inf)' if hi is None else f'{hi}]'}" + (" (at most n_ops: each letter sets its own first op)" if key == "n_groups" else
-                             " (at most input_len)" if key == "answer_len" else ""))
-    ids = digit_values(n_groups, families_per_group) ** 2
-    if families_per_group + n_unseen > ids:
-        raise ValueError(f"families_per_group={families_per_group} + n_unseen={n_unseen} exceed the {ids} ids a letter has here")
+                             " (at most input_len)" if key == "answer_len" else " (one per first digit a letter's RL families lack)" if key == "n_unseen" else ""))
     if n_train + n_heldout > len(ALPHABET) ** input_len:
         raise ValueError(f"n_train={n_train} + n_heldout={n_heldout} exceed the {len(ALPHABET) ** input_len} distinct inputs of input_len={input_len}")
 
@@ -118,9 +116,9 @@ class HiddenProcedures:
         self.max_completion = sizes(plan_len, input_len)[1]
         rng = random.Random(seed)
         self.plans = self._unambiguous_plans(rng)
-        letters, k = GROUPS[:n_groups], digit_values(n_groups, families_per_group)
+        letters, k = GROUPS[:n_groups], digit_values(families_per_group)
         chars = (letters, "".join(rng.sample(DIGITS, k)), "".join(rng.sample(DIGITS, k)))  # what each id position takes
-        rl = self._rl_ids(rng, chars, families_per_group)
+        rl, new = self._ids(rng, chars, families_per_group)
         self.tables = self._bind(rng, chars, rl)  # step -> id character -> op
         plan = lambda f: tuple(self.tables[i][f[i % 3]] for i in range(plan_len))
         self.families = {f: plan(f) for f in rl}  # family id -> hidden plan (RL families, then the unseen ones)
@@ -129,27 +127,26 @@ class HiddenProcedures:
             probs = [self._problem(f, s) for s in self._distinct_inputs(rng, n_train + n_heldout)]
             self.train += probs[:n_train]
             self.heldout += probs[n_train:]
-        # families RL never trains on: other combinations of the same characters (with an unambiguous plan), so every
-        # step of their plans is one that some RL families share; drawn last, so that they leave the RL table as it is
-        plans = set(self.plans)
-        for g in letters:
-            free = [f for f in (g + a + b for a in chars[1] for b in chars[2]) if f not in self.families and plan(f) in plans]
-            if len(free) < n_unseen:
-                raise ValueError(f"n_unseen={n_unseen} is not allowed here: letter {g} has {len(free)} more ids with an unambiguous plan")
-            for f in rng.sample(free, n_unseen):
-                self.families[f] = plan(f)
-                self.unseen += [self._problem(f, s) for s in self._distinct_inputs(rng, n_heldout)]
+        for f in (f for fs in new for f in fs[:n_unseen]):  # drawn last: the unseen families leave the RL table as it is
+            self.families[f] = plan(f)
+            self.unseen += [self._problem(f, s) for s in self._distinct_inputs(rng, n_heldout)]
 
-    def _rl_ids(self, rng, chars, per_letter):
-        """per_letter ids per letter, drawn until every digit value is in at least two of them, of two letters, where that
-        is possible: a digit's step then has witnesses that do not share their other steps."""
+    def _ids(self, rng, chars, per_letter):
+        """RL ids, per_letter per letter, and per letter the candidate ids of families RL never trains on. Digits follow
+        a cyclic design: within a letter they are distinct, and across letters every value is taken equally often (so
+        by two letters at the default: a digit's step has witnesses that share no other step). A candidate pairs its
+        letter with a first digit none of its RL families has: a new combination of characters RL families use, whose
+        plan (from plan_len 2 on) no RL family has, so that only what holds across families names it. (Its plan may tie
+        with another plan; any plan with the right answers passes.)"""
         letters, tens, units = chars
-        need = min(2, len(letters), len(letters) * per_letter // len(tens))
-        for _ in range(1000):
-            ids = [g + a + b for g in letters for a, b in rng.sample(list(itertools.product(tens, units)), per_letter)]
-            if all(len({f[0] for f in ids if f[pos] == c}) >= need for pos in (1, 2) for c in chars[pos]):
-                return ids
-        return ids
+        k = len(tens)
+        rl, new = [], []
+        for a, g in enumerate(letters):
+            own = [(a * per_letter + j) % k for j in range(per_letter)]
+            pairs = rng.sample(own, per_letter)  # the units digits of the same design, paired at random
+            rl += [g + tens[t] + units[u] for t, u in zip(own, pairs)]
+            new.append([g + tens[t] + rng.choice(units) for t in range(k) if t not in own])
+        return rl, new
 
     def _bind(self, rng, chars, families):
         """The hidden tables, step -> {id character: op}, drawn at random (distinct ops for a position's characters where
