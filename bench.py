@@ -63,7 +63,7 @@ SWEEP_TASK = []  # the setting the sweep tunes at: the default
 SWEEP_SEEDS = (101, 102)
 EVERY = ["--eval_interval=10"]  # curves at every 640 rollouts (train.py's default evaluates half as often)
 BENCH = dict(  # bench.py's own options, --key=value; each comment starts with what is allowed, checked before any work
-    seeds="1337,1,2",  # distinct ints in [0, 4294967295], comma-separated
+    seeds="1337,1,2,3,4",  # distinct ints in [0, 4294967295], comma-separated
     variants=",".join(VARIANTS),  # names in VARIANTS, comma-separated
     workers=2,  # [1, inf): runs at once, the cores split between them
     bench_dir="out/bench",  # a writable directory

@@ -159,12 +159,16 @@ class Memory:
                     mem_confirmed_right=sum(v == 1 for v in family.values()), memory_family=family)
 
     def evict(self):
+        """Drop the least recently updated families over max_families; their clusters' patterns are recomputed without them."""
+        clusters = set()
         while len(self.touched) > self.settings["max_families"]:
             fam = next(iter(self.touched))  # the least recently updated
             for key in self.groups[fam].split():
                 self.members[key].remove(fam)
+                clusters.add(key)
             for d in (self.experience, self.insight, self.touched, self.groups):
                 d.pop(fam, None)
+        self.consolidate(clusters)
 
     # -- render: a budgeted context for one problem ------------------------------------------------
 

@@ -72,17 +72,17 @@ def test_frozen_memory_runs_after_the_frozen_policy_it_starts_from(tmp_path):
 def test_difficulty_sweep_runs_every_method_at_every_setting_and_resumes(tmp_path):
     """--difficulty: the four methods at each knob value, a table per evaluation set with each value's initial success
     rate, difficulty.json; a second call reruns nothing."""
-    args = TINY + ["--difficulty", "--knob=plan_len:1,2", "--seeds=1"]
+    args = TINY + ["--difficulty", "--knob=plan_len:1,3", "--seeds=1"]
     p = bench(args, tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "[8/8]" in p.stdout and "new inputs:" in p.stdout and "unseen families:" in p.stdout
     rows = [l for l in p.stdout.splitlines() if l.startswith("| ") and not l.startswith("| method")]
     assert [r.split("|")[1].strip() for r in rows] == ["grpo", "sdpo", "rft", "pmd"] * 2
-    assert "plan_len=1 (start " in p.stdout and "plan_len=2 (start " in p.stdout
+    assert "plan_len=1 (start " in p.stdout and "plan_len=3 (start " in p.stdout
     records = json.load(open(tmp_path / "bench" / "difficulty.json"))
-    assert sorted((r["method"], r["plan_len"]) for r in records) == sorted((m, k) for m in ("grpo", "sdpo", "rft", "pmd") for k in (1, 2))
+    assert sorted((r["method"], r["plan_len"]) for r in records) == sorted((m, k) for m in ("grpo", "sdpo", "rft", "pmd") for k in (1, 3))
     assert all(0 <= r["start_pass1"] <= 1 and 0 <= r["unseen_acc"] <= 1 for r in records)
-    for k in (1, 2):  # a setting's value reaches every run of that setting
+    for k in (1, 3):  # a setting's value reaches every run of that setting
         args_k = json.load(open(tmp_path / "bench" / "runs" / f"pmd-plan_len{k}-s1" / "done.json"))["args"]
         assert f"--plan_len={k}" in args_k
     stamps = sorted(f.stat().st_mtime_ns for f in (tmp_path / "bench" / "runs").glob("*/log.txt"))

@@ -70,6 +70,7 @@ def test_family_cap_evicts_least_recently_updated():
         confirm(mem, fam, X)
     assert set(mem.experience) == set(mem.insight) == set(mem.groups) == {"A10", "A12"}
     assert mem.members == {"A": ["A10", "A12"]}  # the group index forgets the evicted family too
+    assert all(p["support"] == ["A10", "A12"] for p in mem.pattern["A"].values())  # and its patterns no longer cite it
 
 
 # -- insight ------------------------------------------------------------------------------------------------

@@ -117,9 +117,9 @@ def test_a_real_run_logs_growth_and_per_family_accuracy(tiny_run):
 
 
 def test_one_family_up_close(tiny_run):
-    text = memory.up_close(str(tiny_run), "A48")
+    text = memory.up_close(str(tiny_run), "A26")
     lines = text.splitlines()
-    assert lines[0].startswith("family A48 at step 3, problem A48:") and "memory lines the teacher reads" in text
+    assert lines[0].startswith("family A26 at step 3, problem A26:") and "memory lines the teacher reads" in text
     assert any(l.startswith("teacher (with memory)") or l.startswith("teacher (no memory)") for l in lines)
     assert any(l.startswith("student (no memory)") and "-> " in l for l in lines)
     explored = lines[-1].split("strategies ")[1].split(", ")  # the 16 samples' strategies, tallied
