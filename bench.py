@@ -1,17 +1,18 @@
 """
 Benchmarks: does PMD's memory make the memory-free student learn faster and better, and where does the time go.
 
-    python bench.py                  # GRPO, SDPO, the replay control (rft), PMD and the paper's variants, 3 seeds each:
-                                     # a markdown table, out/bench/bench.json, out/bench/curves.png
+    python bench.py                  # the main table: GRPO, SDPO, the replay control (rft), PMD and the paper's variants,
+                                     # 5 seeds each: a table, the paper's claims as paired differences, out/bench/bench.json,
+                                     # out/bench/curves.png
     python bench.py --difficulty     # GRPO, SDPO, rft and PMD at plan_len 1..4 (a random plan passes from often to
-                                     # almost never), 3 seeds: tables, out/bench/difficulty.json, out/bench/difficulty.png
+                                     # almost never): tables, out/bench/difficulty.json, out/bench/difficulty.png
     python bench.py --sweep          # the tuning behind TUNED below: every method over the same grid of learning rate
-                                     # and replay weight, at plan_len=2, on 2 seeds the benchmark does not use
+                                     # and replay weight, at the default setting, on 2 seeds the benchmark does not use
     python bench.py --speed          # sampling speedup, per-phase time of one step, memory cost at 100x its size
     python bench.py --task_seed=1 --variants=grpo,sdpo,pmd --bench_dir=out/bench-t1
                                      # any train.py setting applies to every run (here: another family table)
 
-Bench options: --seeds=1337,1,2  --variants=...  --workers=2 (runs in parallel, the cores split between them)
+Bench options: --seeds=1337,1,2,3,4  --variants=...  --workers=2 (runs in parallel, the cores split between them)
 --bench_dir=out/bench  --knob=plan_len:1,2,3,4 (--difficulty's setting and values). Every other --key=value is a train.py setting. Each run lives in bench_dir/runs/<name>;
 a finished run with the same arguments is reused, so an interrupted benchmark continues where it stopped.
 """

@@ -13,6 +13,7 @@ GRPO instead weighs the sampled tokens' log-probs by r - mean(r) of the group; t
 sees a context, so the trained model needs no memory at inference.
 """
 import copy
+import random
 import time
 from dataclasses import dataclass
 
@@ -251,6 +252,9 @@ def sft_loss(model, examples, device):
 # warm-up data: executing procedures and reading memory, on groups never used in RL
 
 
+PLAIN_POOL = 64  # warm-up groups whose families keep their plans and inputs: the model learns that an id sets a plan
+
+
 def warmup_example(task, rng, memory_settings, p_plain=0.3, p_right=(0.0, 0.2, 0.5), p_unseen=0.35):
     """(context, prompt, completion) for one problem of fresh warm-up families.
 
@@ -262,9 +266,12 @@ def warmup_example(task, rng, memory_settings, p_plain=0.3, p_right=(0.0, 0.2, 0
     a memory is drawn with (0: failures and lucky passes only, as in RL before discovery); p_unseen: the share whose
     target family has no memory of its own (as a family RL never trains on)."""
     probs = task.warmup_group(rng)
-    target = rng.choice(probs)
-    if rng.random() < p_plain:
+    if rng.random() < p_plain:  # no context: half the time a family of a fixed pool, whose id always means the same plan
+        if rng.random() < 0.5:
+            probs = task.warmup_group(random.Random(rng.randrange(PLAIN_POOL)))
+        target = rng.choice(probs)
         return "", target.prompt, task.solve(target)
+    target = rng.choice(probs)
     mem = Memory(**memory_settings)
     seen = rng.sample(probs, rng.randint(1, len(probs)))
     if rng.random() < p_unseen:  # the target's family has no memory of its own: only its clusters' patterns reach it

@@ -451,7 +451,7 @@ def evaluate(model, teacher, task, memory, c, device, pass_k=False, right=None):
 # warm-up (cached: every method and seed starts from the same weights)
 
 
-WARMUP_VERSION = 3  # part of the cache key: bump it when the model's code or the warm-up data change
+WARMUP_VERSION = 4  # part of the cache key: bump it when the model's code or the warm-up data change
 
 
 def warmup(c, task, device):
@@ -576,7 +576,7 @@ def start(c, task, device, rank=0, world=1):
         memory = Memory.load(c.memory_init) if c.memory_init else Memory(**memory_settings(c))
         model.eval()
         rows = headroom(model, task, c, device)
-        print("\nheadroom after warm-up (greedy accuracy; the teacher reads a memory of a few verified traces per RL family):")
+        print("\nheadroom after warm-up (greedy accuracy; the teacher reads a reference memory: per RL family 3 verified traces, then a lucky pass):")
         print(f"  {'':<32}" + "".join(f"{k:>19}" for k in rows["heldout"]))
         for name, row in rows.items():
             probs = getattr(task, name)

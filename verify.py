@@ -3,7 +3,7 @@ The built-in task, hidden procedures, and its verifier.
 
 A family (an id like `A48`) is bound to a hidden plan: a short sequence of string ops. A problem is a
 family id plus an input string; the model must write the plan it chose, every intermediate string,
-then stop:   prompt `A48:kdbea>`   completion `rol,swp,mev|dbeak|bdaek|ydxeo` + newline.
+then stop:   prompt `A48:kdbea>`   completion `rol,swp,mev|dbeak|bdaek|kdleb` + newline.
 The binding is compositional: step i of a plan is set by one character of the id (the letter sets step 1,
 the first digit step 2, the second digit step 3, then round again), through tables hidden from the model.
 So families that share an id character share a step, and a family RL never trains on, made of characters
@@ -85,7 +85,7 @@ def clusters(family):
 
 
 def sizes(plan_len, input_len):
-    """(prompt, completion) lengths in characters (= tokens) at most: `A48:kdbea>` and `rol,swp,mev|dbeak|bdaek|ydxeo` + newline."""
+    """(prompt, completion) lengths in characters (= tokens) at most: `A48:kdbea>` and `rol,swp,mev|dbeak|bdaek|kdleb` + newline."""
     return 3 + 1 + input_len + 1, 4 * plan_len + (input_len + 1) * plan_len + 2
 
 
