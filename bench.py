@@ -54,11 +54,9 @@ DEPENDS = {"frozen-memory": "frozen-policy"}  # a variant that starts from anoth
 WITH_MEMORY = ("frozen-policy",)  # scored by the policy reading its memory (the teacher's accuracy): it never trains
 NO_LAG = WITH_MEMORY + ("pmd-transient",)  # no internalisation lag: a policy that never trains, a memory gone every step
 METHODS = ("grpo", "sdpo", "rft", "pmd")
-# each method's settings: the best of `python bench.py --sweep` (mean over its 2 seeds); PMD's variants use PMD's.
-# Measured on the earlier task (a family's plan set by its group and a random draw, a pass naming its plan) and kept,
-# fixed before any run of this task, until the sweep is rerun on it (README, Tuning)
-TUNED = dict(grpo=dict(lr=1e-4, replay_weight=0.1), sdpo=dict(lr=3e-4, replay_weight=1.0), rft=dict(lr=3e-4, replay_weight=0.1),
-             pmd=dict(lr=3e-4, replay_weight=1.0))
+# each method's settings: the best of `python bench.py --sweep` (mean over its 2 seeds); PMD's variants use PMD's
+TUNED = dict(grpo=dict(lr=3e-4, replay_weight=0.1), sdpo=dict(lr=3e-4, replay_weight=0.1), rft=dict(lr=3e-4, replay_weight=0.1),
+             pmd=dict(lr=1e-3, replay_weight=1.0))
 SWEEP = dict(lr=(1e-4, 3e-4, 1e-3), replay_weight=(0.1, 1.0))  # the same grid for every method
 SWEEP_TASK = []  # the setting the sweep tunes at: the default
 SWEEP_SEEDS = (101, 102)

@@ -203,14 +203,15 @@ class Memory:
         """The problem's clusters' patterns as one plan: each step the one its clusters' patterns name with the most
         support ('?' where none names one), and the weakest support among the steps named: `#A48 via mev,rol,? 2`.
         One line a small model copies, rather than several to combine; None when no cluster has a pattern."""
-        best = {}  # step index -> (support, step)
-        for key in problem.group.split():
-            for k, p in self.pattern.get(key, {}).items():
-                i, step = k.split(":", 1)
-                best[int(i)] = max(best.get(int(i), (0, "")), (len(p["support"]), step), key=lambda b: b[0])
+        pats = [p for key in problem.group.split() for p in self.pattern.get(key, {}).items()]
+        best = {}  # step index -> (support, step): the first cluster's wins a tie
+        for k, p in pats:
+            i, step = k.split(":", 1)
+            best[int(i)] = max(best.get(int(i), (0, "")), (len(p["support"]), step), key=lambda b: b[0])
         if not best:
             return None
-        n = max([len(self.confirmed(f).split(",")) for k in problem.group.split() for p in self.pattern.get(k, {}).values() for f in p["support"]] + list(best))
+        # as many steps as the supporting families' strategies have: a step no cluster names is still a step
+        n = max([len(s.split(",")) for _, p in pats for f in p["support"] if (s := self.confirmed(f))] + list(best))
         steps = ",".join(best[i][1] if i in best else "?" for i in range(1, n + 1))
         return f"#{problem.family} via {steps} {min(min(b[0] for b in best.values()), 9)}"
 

@@ -48,11 +48,11 @@ seed = 1337  # [0, 4294967295]: RL seed: problem order, sampling
 plan_len = 2  # [1, 6]: ops per hidden plan (a random plan is right 1 time in n_ops**plan_len)
 n_ops = 6  # [2, 8]: ops to choose from
 n_groups = 3  # [1, 10]: letters of RL ids (each sets its own first op: at most n_ops)
-families_per_group = 4  # [1, 50]: RL families per letter (with n_unseen at most the ids a letter has)
+families_per_group = 4  # [1, 8]: RL families per letter (each digit of an id takes families_per_group + 2 values)
 input_len = 5  # [2, 12]: letters per input string
 n_train = 32  # [1, inf): RL inputs per family (with n_heldout at most the 12**input_len distinct inputs)
 n_heldout = 8  # [1, inf): held-out inputs per family (evaluation only), and inputs per unseen family
-n_unseen = 2  # [0, inf): families per letter that RL never trains on, made of id characters RL families use (evaluation only)
+n_unseen = 2  # [0, 2]: families per letter that RL never trains on, a letter with a first digit none of its RL families has (evaluation only)
 answer_len = 2  # [1, 12]: letters of the last string the verifier checks (at most input_len): a wrong plan passes by chance about 1 time in 12**answer_len
 task_seed = 0  # [0, 4294967295]: the family table
 # model
@@ -60,10 +60,10 @@ n_layer = 3  # [1, inf)
 n_head = 4  # [1, inf): n_embd / n_head must be an even number (rotary embeddings rotate pairs)
 n_embd = 128  # [2, inf)
 block_size = 256  # [1, inf): tokens a sequence may hold: memory budget + prompt + completion must fit
-# warm-up: executing procedures and reading memory lines, on groups never used in RL
+# warm-up: executing procedures and reading memory lines, on families never used in RL
 warmup_steps = 1600  # [0, inf): 0 starts RL from an untrained model
 warmup_batch = 32  # [1, inf)
-warmup_lr = 2e-3  # (0, 1]: at 1e-3 whether the model learns to read a context within 1200 steps hangs on the data's order
+warmup_lr = 2e-3  # (0, 1]: peak rate (a 50-step ramp, then a linear decay to zero)
 warmup_seed = 0  # [0, 4294967295]
 # RL
 method = "pmd"  # grpo|sdpo|pmd|rft: rft is the replay control (imitate the memory's verified successes, no teacher)
