@@ -194,7 +194,7 @@ def table(records, variants):
 
 
 # the paper's claims: (lower, higher, by at least): higher's accuracy minus lower's, on the same seeds, is at least that
-CLAIMS = [("grpo", "sdpo", 0.0), ("sdpo", "pmd-transient", 0.0), ("pmd-transient", "pmd", 0.0), ("frozen-policy", "pmd", 0.10),
+CLAIMS = [("grpo", "sdpo", 0.0), ("sdpo", "pmd", 0.0), ("sdpo", "pmd-transient", 0.0), ("pmd-transient", "pmd", 0.0), ("frozen-policy", "pmd", 0.10),
           ("frozen-memory", "pmd", 0.10), ("experience-only", "experience+insight", 0.0), ("experience+insight", "pmd", 0.0), ("rft", "pmd", 0.0)]
 
 

@@ -120,7 +120,7 @@ def test_claims_are_paired_differences_with_their_standard_error():
     records += [rec("frozen-policy", s, 0.5, 0.3) for s in range(3)] + [rec("pmd", s, 0.55 + 0.01 * s, 0.5 + 0.01 * s) for s in range(3)]
     text = bench_module.claims_table(records, ["grpo", "sdpo", "frozen-policy", "pmd"])
     rows = {l.split("|")[1].strip(): l for l in text.splitlines()[2:]}
-    assert set(rows) == {"grpo < sdpo", "frozen-policy < pmd by 10%"}
+    assert set(rows) == {"grpo < sdpo", "sdpo < pmd", "frozen-policy < pmd by 10%"}
     grpo_sdpo = rows["grpo < sdpo"].split("|")
     assert grpo_sdpo[2].strip() == "+0.200 ± 0.000 (holds)" and "does not hold" in grpo_sdpo[3]  # unseen: +0.007 ± 0.007
     frozen = rows["frozen-policy < pmd by 10%"].split("|")
