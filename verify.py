@@ -41,7 +41,7 @@ def _shift(s, k):
     return s.translate(_SHIFTS[k % len(ALPHABET)])
 
 
-OPS = {  # ordered: n_ops takes the first n. The first six were chosen so that few 3-op plans tie (README)
+OPS = {  # ordered: n_ops takes the first n. The first six came out of a search over op sets for few plans that tie
     "rev": lambda s: s[::-1],
     "rol": lambda s: s[1:] + s[:1],
     "swp": lambda s: "".join(s[i : i + 2][::-1] for i in range(0, len(s), 2)),

@@ -1,10 +1,13 @@
 """pmd.py's teacher: the context each method shows it (teacher_contexts) and its weights (make_teacher, ema_update)."""
+import random
+
 import torch
 
 from conftest import problem, rollout
 from memory import Memory, experience_line
 from model import GPT, GPTConfig
-from pmd import ema_update, make_teacher, teacher_contexts
+from pmd import ema_update, make_teacher, teacher_contexts, warmup_example
+from verify import HiddenProcedures
 
 G = 3
 X, Y = ("rev", "inc", "swp"), ("rev", "mir", "rol")
@@ -109,3 +112,19 @@ def test_ema_update_moves_teacher_by_rate():
         torch.testing.assert_close(t, b + 0.25 * (s - b))
     ema_update(teacher, model, 1.0)
     assert all(torch.equal(t, s) for t, s in zip(teacher.parameters(), model.parameters()))
+
+
+def test_plain_warmup_examples_bind_an_id_to_one_plan():
+    """Half the no-context warm-up examples come from a fixed pool of families: pooled ids recur, most of them always with
+    the same plan, so the warm-up teaches that an id sets its plan. Not all: two pool groups, or a pool group and a fresh
+    one, can draw the same id with another plan (README, Choices). No example is ever an RL or unseen family's."""
+    task = HiddenProcedures(n_train=4, n_heldout=2)
+    rng, plans = random.Random(0), {}
+    for _ in range(4000):
+        ctx, prompt, completion = warmup_example(task, rng, {}, p_plain=1.0)
+        assert ctx == ""
+        plans.setdefault(prompt.split(":")[0], []).append(completion.split("|")[0])
+    assert not set(plans) & set(task.families)
+    pooled = [fam for fam, ps in plans.items() if len(ps) >= 6]
+    consistent = [f for f in pooled if max(map(plans[f].count, plans[f])) >= 0.7 * len(plans[f])]
+    assert len(pooled) >= 50 and len(consistent) >= 0.75 * len(pooled)
