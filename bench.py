@@ -272,11 +272,22 @@ def variant_list(opts):
     return variants
 
 
+def family_table(seed, common):
+    """The family table a seed's runs use: a table of its own (task_seed = seed), so that spread over seeds is spread
+    over tables too and no result belongs to one table; a --task_seed among the common arguments fixes one for all."""
+    return [] if any(a.startswith("--task_seed=") for a in common) else [f"--task_seed={seed}"]
+
+
+def warmups(seeds, common, extra=()):
+    """The distinct warm-up settings of these seeds' runs (one per table), for run_all to train first."""
+    return [list(w) for w in dict.fromkeys(tuple([*extra, *family_table(s, common), *common]) for s in seeds)]
+
+
 def job(variant, seed, common, extra=(), tag="", runs=""):
     """(name, train.py args) of one run; the name keys the run directory, so runs that share arguments share it.
     runs: the directory of the runs, for a variant that reads another's files."""
     own = [a.format(runs=runs, seed=seed) for a in VARIANTS[variant]]
-    return f"{variant}{tag}-s{seed}", [*own, *tuned_args(variant), *extra, f"--seed={seed}", *EVERY, *common]
+    return f"{variant}{tag}-s{seed}", [*own, *tuned_args(variant), *extra, f"--seed={seed}", *family_table(seed, common), *EVERY, *common]
 
 
 def bench(opts, common):
@@ -284,10 +295,10 @@ def bench(opts, common):
     runs, t0 = os.path.join(opts["bench_dir"], "runs"), time.time()
     needed = [DEPENDS[v] for v in variants if v in DEPENDS and DEPENDS[v] not in variants]  # run, not reported
     first = [(v, s) for v in variants + needed for s in seeds if v not in DEPENDS]
-    results = run_all([job(v, s, common, runs=runs) for v, s in first], opts["bench_dir"], opts["workers"], [common])
+    results = run_all([job(v, s, common, runs=runs) for v, s in first], opts["bench_dir"], opts["workers"], warmups(seeds, common))
     then = [(v, s) for v in variants for s in seeds if v in DEPENDS]
     if then:  # the variants that start from another's final memory, now that it is there
-        results.update(run_all([job(v, s, common, runs=runs) for v, s in then], opts["bench_dir"], opts["workers"], [common]))
+        results.update(run_all([job(v, s, common, runs=runs) for v, s in then], opts["bench_dir"], opts["workers"], warmups(seeds, common)))
     records = [record(v, s, results[f"{v}-s{s}"]) for v in variants for s in seeds]
     save_json(records, os.path.join(opts["bench_dir"], "bench.json"))
     print(f"\nfinal memory-free accuracy (greedy) at {records[0]['rollouts']} rollouts, {len(seeds)} seed(s): "
@@ -312,7 +323,7 @@ def difficulty(opts, common):
     cells = [(m, val, s) for val in values for m in METHODS for s in seeds]
     jobs = [job(m, s, common, extra(val), "" if val == default else f"-{knob}{val}") for m, val, s in cells]
     t0 = time.time()
-    results = run_all(jobs, opts["bench_dir"], opts["workers"], [extra(val) + common for val in values])
+    results = run_all(jobs, opts["bench_dir"], opts["workers"], [w for val in values for w in warmups(seeds, common, extra(val))])
     records = [dict(record(m, s, results[name]), **{knob: val}) for (name, _), (m, val, s) in zip(jobs, cells)]
     save_json(records, os.path.join(opts["bench_dir"], "difficulty.json"))
     start = {val: statistics.mean(r["start_pass1"] for r in records if r[knob] == val) for val in values}
@@ -367,8 +378,9 @@ def sweep(opts, common):
     grid = [dict(lr=lr, replay_weight=w) for lr in SWEEP["lr"] for w in SWEEP["replay_weight"]]
     cells = [(m, i, s) for m in METHODS for i in range(len(grid)) for s in SWEEP_SEEDS]
     jobs = [(f"sweep-{m}-lr{grid[i]['lr']:g}-rw{grid[i]['replay_weight']:g}-s{s}",
-             [*VARIANTS[m], *(f"--{k}={v}" for k, v in grid[i].items()), f"--seed={s}", *EVERY, *SWEEP_TASK, *common]) for m, i, s in cells]
-    results = run_all(jobs, opts["bench_dir"], opts["workers"], [SWEEP_TASK + common])
+             [*VARIANTS[m], *(f"--{k}={v}" for k, v in grid[i].items()), f"--seed={s}", *family_table(s, common), *EVERY, *SWEEP_TASK, *common])
+            for m, i, s in cells]
+    results = run_all(jobs, opts["bench_dir"], opts["workers"], warmups(SWEEP_SEEDS, common, SWEEP_TASK))
     acc = {}
     for (name, _), (m, i, s) in zip(jobs, cells):
         acc.setdefault((m, i), []).append(results[name]["metrics"][-1]["heldout_acc"])

@@ -13,6 +13,7 @@ GRPO instead weighs the sampled tokens' log-probs by r - mean(r) of the group; t
 sees a context, so the trained model needs no memory at inference.
 """
 import copy
+import functools
 import random
 import time
 from dataclasses import dataclass
@@ -255,6 +256,18 @@ def sft_loss(model, examples, device):
 PLAIN_POOL = 64  # warm-up groups whose families keep their plans and inputs: the model learns that an id sets a plan
 
 
+@functools.lru_cache(maxsize=8)
+def plain_pool(task):
+    """The pool's problems by family: PLAIN_POOL warm-up groups drawn from fixed seeds. An id two groups draw keeps its
+    first group's plan (ids are drawn at random, and one that recurs with another plan would teach that ids are noise)."""
+    pool = {}
+    for k in range(PLAIN_POOL):
+        for p in task.warmup_group(random.Random(k)):
+            if pool.setdefault(p.family, (k, []))[0] == k:
+                pool[p.family][1].append(p)
+    return {f: ps for f, (_, ps) in pool.items()}
+
+
 def warmup_example(task, rng, memory_settings, p_plain=0.3, p_right=(0.0, 0.2, 0.5), p_unseen=0.35):
     """(context, prompt, completion) for one problem of fresh warm-up families.
 
@@ -267,9 +280,11 @@ def warmup_example(task, rng, memory_settings, p_plain=0.3, p_right=(0.0, 0.2, 0
     target family has no memory of its own (as a family RL never trains on)."""
     probs = task.warmup_group(rng)
     if rng.random() < p_plain:  # no context: half the time a family of a fixed pool, whose id always means the same plan
+        pool = plain_pool(task)
         if rng.random() < 0.5:
-            probs = task.warmup_group(random.Random(rng.randrange(PLAIN_POOL)))
-        target = rng.choice(probs)
+            probs = pool[rng.choice(sorted(pool))]
+        # a fresh family never borrows a pooled id (it would show that id with another plan)
+        target = rng.choice([p for p in probs if p.family not in pool or p in pool[p.family]] or pool[rng.choice(sorted(pool))])
         return "", target.prompt, task.solve(target)
     target = rng.choice(probs)
     mem = Memory(**memory_settings)

@@ -42,6 +42,12 @@ def test_bench_runs_every_variant_and_reuses_finished_runs(tmp_path):
         assert (tmp_path / "bench" / "curves.png").stat().st_size > 1000
     except ImportError:
         assert "matplotlib is not installed" in p.stdout and not (tmp_path / "bench" / "curves.png").exists()
+    # each seed's runs use a family table of their own (its warm-up too); a --task_seed given to bench.py fixes one for all
+    for v in ("grpo", "frozen-policy"):
+        for s in (1, 2):
+            assert f"--task_seed={s}" in json.load(open(tmp_path / "bench" / "runs" / f"{v}-s{s}" / "done.json"))["args"]
+    assert len(list((tmp_path / "cache").glob("warmup-*.pt"))) == 2
+    assert bench_module.family_table(3, ["--task_seed=7"]) == [] and bench_module.job("grpo", 3, ["--task_seed=7"])[1].count("--task_seed=7") == 1
     # a second call finds every run finished with the same arguments: nothing reruns, the same table comes out
     logs = sorted((tmp_path / "bench" / "runs").glob("*/log.txt"))
     stamps = [f.stat().st_mtime_ns for f in logs]
