@@ -15,6 +15,8 @@ Benchmarks: does PMD's memory make the memory-free student learn faster and bett
 Bench options: --seeds=1337,1,2,3,4  --variants=...  --workers=2 (runs in parallel, the cores split between them)
 --bench_dir=out/bench  --knob=plan_len:1,2,3,4 (--difficulty's setting and values). Every other --key=value is a train.py setting. Each run lives in bench_dir/runs/<name>;
 a finished run with the same arguments is reused, so an interrupted benchmark continues where it stopped.
+Each seed's runs use a family table of their own (--task_seed=<seed>, with its own warm-up), so the spread over seeds
+is a spread over tables too; --task_seed=N fixes one table for every run.
 """
 import json
 import os
@@ -55,8 +57,8 @@ WITH_MEMORY = ("frozen-policy",)  # scored by the policy reading its memory (the
 NO_LAG = WITH_MEMORY + ("pmd-transient",)  # no internalisation lag: a policy that never trains, a memory gone every step
 METHODS = ("grpo", "sdpo", "rft", "pmd")
 # each method's settings: the best of `python bench.py --sweep` (mean over its 2 seeds); PMD's variants use PMD's
-TUNED = dict(grpo=dict(lr=3e-4, replay_weight=0.1), sdpo=dict(lr=3e-4, replay_weight=0.1), rft=dict(lr=3e-4, replay_weight=0.1),
-             pmd=dict(lr=1e-3, replay_weight=1.0))
+TUNED = dict(grpo=dict(lr=3e-4, replay_weight=0.1), sdpo=dict(lr=3e-4, replay_weight=1.0), rft=dict(lr=3e-4, replay_weight=1.0),
+             pmd=dict(lr=3e-4, replay_weight=1.0))
 SWEEP = dict(lr=(1e-4, 3e-4, 1e-3), replay_weight=(0.1, 1.0))  # the same grid for every method
 SWEEP_TASK = []  # the setting the sweep tunes at: the default
 SWEEP_SEEDS = (101, 102)
