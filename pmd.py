@@ -281,10 +281,12 @@ def warmup_example(task, rng, memory_settings, p_plain=0.3, p_right=(0.0, 0.2, 0
     probs = task.warmup_group(rng)
     if rng.random() < p_plain:  # no context: half the time a family of a fixed pool, whose id always means the same plan
         pool = plain_pool(task)
+        families = sorted(pool)
         if rng.random() < 0.5:
-            probs = pool[rng.choice(sorted(pool))]
-        # a fresh family never borrows a pooled id (it would show that id with another plan)
-        target = rng.choice([p for p in probs if p.family not in pool or p in pool[p.family]] or pool[rng.choice(sorted(pool))])
+            probs = pool[rng.choice(families)]
+        else:  # a fresh family never borrows a pooled id (it would show that id with another plan)
+            probs = [p for p in probs if p.family not in pool] or pool[rng.choice(families)]
+        target = rng.choice(probs)
         return "", target.prompt, task.solve(target)
     target = rng.choice(probs)
     mem = Memory(**memory_settings)
