@@ -51,7 +51,10 @@ VARIANTS = {
     # the memory levels, cumulative: experience only, then + insight (+ pattern is pmd)
     "experience-only": ["--method=pmd", "--memory_levels=experience"],
     "experience+insight": ["--method=pmd", "--memory_levels=experience,insight"],
+    # PMD whose insights the teacher's weights write (reflection taught in warm-up) instead of the counting rule
+    "pmd-reflect": ["--method=pmd", "--reflect=model"],
 }
+WARMUP_ARGS = ("--reflect",)  # variant arguments that change the warm-up
 DEPENDS = {"frozen-memory": "frozen-policy"}  # a variant that starts from another's final memory, run after it
 WITH_MEMORY = ("frozen-policy",)  # scored by the policy reading its memory (the teacher's accuracy): it never trains
 NO_LAG = WITH_MEMORY + ("pmd-transient",)  # no internalisation lag: a policy that never trains, a memory gone every step
@@ -195,9 +198,11 @@ def table(records, variants):
     return "\n".join(rows)
 
 
-# the paper's claims: (lower, higher, by at least): higher's accuracy minus lower's, on the same seeds, is at least that
+# the paper's claims: (lower, higher, by at least): higher's accuracy minus lower's, on the same seeds, is at least that;
+# by None: higher is not below lower by more than two standard errors (the model's own reflection against counting)
 CLAIMS = [("grpo", "sdpo", 0.0), ("sdpo", "pmd", 0.0), ("sdpo", "pmd-transient", 0.0), ("pmd-transient", "pmd", 0.0), ("frozen-policy", "pmd", 0.10),
-          ("frozen-memory", "pmd", 0.10), ("experience-only", "experience+insight", 0.0), ("experience+insight", "pmd", 0.0), ("rft", "pmd", 0.0)]
+          ("frozen-memory", "pmd", 0.10), ("experience-only", "experience+insight", 0.0), ("experience+insight", "pmd", 0.0), ("rft", "pmd", 0.0),
+          ("pmd", "pmd-reflect", None)]
 
 
 def claims_table(records, variants):
@@ -214,10 +219,33 @@ def claims_table(records, variants):
                 cells.append("-")
                 continue
             mean, se = statistics.mean(d), statistics.stdev(d) / len(d) ** 0.5
-            cells.append(f"{mean:+.3f} ± {se:.3f} ({'holds' if mean - by > 2 * se else 'does not hold'})")
-        rows.append(f"| {lo} < {hi}" + (f" by {by:.0%}" if by else "") + " | " + " | ".join(cells) + " |")
+            holds = mean + 2 * se >= 0 if by is None else mean - by > 2 * se
+            cells.append(f"{mean:+.3f} ± {se:.3f} ({'holds' if holds else 'does not hold'})")
+        claim = f"{hi} within 2 SE of {lo} or above" if by is None else f"{lo} < {hi}" + (f" by {by:.0%}" if by else "")
+        rows.append(f"| {claim} | " + " | ".join(cells) + " |")
     head = "| claim | " + " | ".join(f"{name}: difference" for name in SETS.values()) + " |\n|---|" + "---|" * len(SETS)
     return head + "\n" + "\n".join(rows) if rows else ""
+
+
+def reflection_table(results, seeds, model="pmd-reflect", count="pmd"):
+    """The model's own reflection per seed: its fidelity on the probe after warm-up and at the end (the share of its
+    verdicts the counting rule agrees with; of the rule's, the share missed), the share of its verdicts in RL that were
+    wrong (flipped or invented) and so reached the memory, the families whose confirmed strategy is wrong at the end
+    next to counting's, and the wall time per run next to counting's."""
+    rows = ["| seed | agree after warm-up | missed after warm-up | agree at the end | missed at the end | wrong verdicts in RL "
+            "| families with a wrong strategy (model / count) | wall s (model / count) |", "|---|---|---|---|---|---|---|---|"]
+    for seed in seeds:
+        m, c = results.get(f"{model}-s{seed}"), results.get(f"{count}-s{seed}")
+        if not m:
+            continue
+        first, end, rl = m["metrics"][0], m["metrics"][-1], [r for r in m["metrics"] if r.get("rl_reflect_written")]
+        wrong = sum((r["rl_reflect_flipped"] + r["rl_reflect_invented"]) * r["rl_reflect_written"] for r in rl)
+        written = sum(r["rl_reflect_written"] for r in rl)
+        bad = lambda res: fmt(res and res["metrics"][-1]["mem_confirmed"] - res["metrics"][-1]["mem_confirmed_right"], "{}")
+        rows.append(f"| {seed} | {fmt(first.get('reflect_agree'))} | {fmt(first.get('reflect_missed'))} | {fmt(end.get('reflect_agree'))} | "
+                    f"{fmt(end.get('reflect_missed'))} | {fmt(wrong / written if written else None)} of {written} | {bad(m)} / {bad(c)} | "
+                    f"{m['wall_s']:.0f} / {fmt(c and c['wall_s'], '{:.0f}')} |")
+    return "\n".join(rows)
 
 
 def pyplot():
@@ -297,10 +325,13 @@ def bench(opts, common):
     runs, t0 = os.path.join(opts["bench_dir"], "runs"), time.time()
     needed = [DEPENDS[v] for v in variants if v in DEPENDS and DEPENDS[v] not in variants]  # run, not reported
     first = [(v, s) for v in variants + needed for s in seeds if v not in DEPENDS]
-    results = run_all([job(v, s, common, runs=runs) for v, s in first], opts["bench_dir"], opts["workers"], warmups(seeds, common))
+    # a variant whose own arguments change the warm-up (reflect=model's teaches reflection) has warm-ups of its own
+    own = dict.fromkeys(tuple(a for a in VARIANTS[v] if a.split("=")[0] in WARMUP_ARGS) for v in variants + needed)
+    settings = [w for extra in own for w in warmups(seeds, common, extra)]
+    results = run_all([job(v, s, common, runs=runs) for v, s in first], opts["bench_dir"], opts["workers"], settings)
     then = [(v, s) for v in variants for s in seeds if v in DEPENDS]
     if then:  # the variants that start from another's final memory, now that it is there
-        results.update(run_all([job(v, s, common, runs=runs) for v, s in then], opts["bench_dir"], opts["workers"], warmups(seeds, common)))
+        results.update(run_all([job(v, s, common, runs=runs) for v, s in then], opts["bench_dir"], opts["workers"], settings))
     records = [record(v, s, results[f"{v}-s{s}"]) for v in variants for s in seeds]
     save_json(records, os.path.join(opts["bench_dir"], "bench.json"))
     print(f"\nfinal memory-free accuracy (greedy) at {records[0]['rollouts']} rollouts, {len(seeds)} seed(s): "
@@ -312,6 +343,9 @@ def bench(opts, common):
               f"two standard errors in the claimed direction):\n\n{claims}")
     if set(variants) & set(WITH_MEMORY):
         print(f"\n{', '.join(v for v in variants if v in WITH_MEMORY)}: the policy never trains; its accuracy is the policy reading its memory")
+    if "pmd-reflect" in variants:
+        print(f"\npmd-reflect: the teacher's weights write the insights' verdicts; their fidelity against the counting rule\n\n"
+              f"{reflection_table(results, seeds)}")
     print(f"\nwrote {opts['bench_dir']}/bench.json; benchmark wall time {(time.time() - t0) / 60:.1f} min")
     plot(records, variants, os.path.join(opts["bench_dir"], "curves.png"))
 
@@ -448,10 +482,13 @@ def speed_step(run, steps):
     total = (time.perf_counter() - t0) / steps
     print(f"\none training step ({run.c.method}, {run.c.prompts_per_step * run.c.group_size} rollouts + {run.c.replay} replay examples), "
           f"mean over {steps} steps: {total * 1e3:.0f} ms")
-    for k in ("rollout", "verify", "memory", "teacher", "student", "optimizer"):
+    for k in ("rollout", "verify", "reflect", "memory", "teacher", "student", "optimizer"):
+        if k == "reflect" and k not in times:  # reflect=count: the rule's verdicts are part of the memory update
+            continue
         ms = times.get(k, 0.0) / steps * 1e3
-        what = dict(rollout="sampling (KV cache)", verify="verifier", memory="memory update + render", teacher="teacher forward",
-                    student="student forward + backward", optimizer="clip, AdamW, EMA teacher")[k]
+        what = dict(rollout="sampling (KV cache)", verify="verifier", reflect="the teacher's weights write the verdicts (reflect=model)",
+                    memory="memory update + render", teacher="teacher forward", student="student forward + backward",
+                    optimizer="clip, AdamW, EMA teacher")[k]
         print(f"  {k:<10} {ms:8.1f} ms  {ms / (total * 1e3) * 100:5.1f} %   {what}")
     out = dict(step_ms=total * 1e3, phases_ms={k: v / steps * 1e3 for k, v in times.items()})
     if torch.cuda.is_available():

@@ -70,12 +70,13 @@ class Memory:
 
     # -- update: add experiences, reflect them into insights, consolidate patterns ----------------
 
-    def update(self, rollouts):
-        """rollouts: objects with .problem, .completion, .reward, .feedback, .strategy (None unless faithful)."""
+    def update(self, rollouts, verdicts=None):
+        """rollouts: objects with .problem, .completion, .reward, .feedback, .strategy (None unless faithful).
+        verdicts: (problem, strategy, passed) that reflection drew from them; None: the counting rule's (counted)."""
         self.step += 1
         for r in rollouts:
             self.add(r.problem, r.completion, r.reward, r.feedback)
-        self.reflect(rollouts)
+        self.reflect(counted(rollouts) if verdicts is None else verdicts)
         self.consolidate({key for r in rollouts for key in r.problem.group.split()})
         self.evict()
 
@@ -103,22 +104,19 @@ class Memory:
             fails = [e for e in exps if not e["reward"]]
             exps.remove(min(fails or exps, key=lambda e: e["step"]))
 
-    def reflect(self, rollouts):
-        """Each faithful trace agrees with its strategy (it passed) or contradicts it (it failed)."""
+    def reflect(self, verdicts):
+        """Each verdict (problem, strategy, passed) is evidence for its strategy (passed) or against it, on one input."""
         cap = self.settings["max_evidence"]
-        for r in rollouts:
-            problem, reward, strategy = r.problem, r.reward, r.strategy
-            if strategy is None:
-                continue
+        for problem, strategy, passed in verdicts:
             items = self.insight.setdefault(problem.family, {})
             it = items.setdefault(",".join(strategy), dict(agree=[], contradict=[], step=self.step))
-            side = it["agree"] if reward else it["contradict"]
+            side = it["agree"] if passed else it["contradict"]
             if problem.pid in side:
                 side.remove(problem.pid)
             side.append(problem.pid)
             del side[:-cap]
             it["step"] = self.step  # equal evidence retires it (net 0: never rendered, never confirmed) but keeps its evidence
-        for fam in {r.problem.family for r in rollouts if r.strategy is not None}:  # only the families reflected on can be over the cap
+        for fam in {problem.family for problem, _, _ in verdicts}:  # only the families reflected on can be over the cap
             items = self.insight[fam]
             while len(items) > self.settings["max_insights"]:  # lessons go before strategies, weakest evidence first
                 weakest = min(items, key=lambda s: (net(items[s]) > 0, abs(net(items[s])), items[s]["step"]))
@@ -276,6 +274,71 @@ def net(item):
 def insight_line(family, strategy, n):
     """The count is capped at 9: one token, and never beyond the range the warm-up showed the model."""
     return f"#{family} ok {strategy} {min(n, 9)}" if n > 0 else f"#{family} bad {strategy} {min(-n, 9)}"
+
+
+# -----------------------------------------------------------------------------
+# reflection: what the attempts at one problem say about strategies, as verdicts (problem, strategy, passed)
+# The counting rule reads them off the verifier: one per faithful trace. A model reflector reads each attempt as text
+# (reflection_prompts) and writes its verdict as one line (`ok rol,swp`, `bad rev,stp`, `-` for none: an unfaithful
+# trace is no evidence), which parse_reflection reads.
+
+
+def counted(rollouts):
+    """The counting rule's verdicts: each faithful trace is evidence for (it passed) or against its strategy."""
+    return [(r.problem, tuple(r.strategy), bool(r.reward)) for r in rollouts if r.strategy is not None]
+
+
+def reflection_prompts(rollouts, G):
+    """What a reflector reads, per problem (each group of G rollouts): for each distinct attempt (passes first), the
+    problem's prompt and how many of its G attempts passed, then that attempt with the verifier's verdict, then
+    `reflect:`. One attempt per prompt: a 3-layer model copies one trace's plan faithfully, and mixes up the plans of
+    several side by side (README, Reflection). Returns [(problem, prompt, shown)], shown the prompt's rollouts."""
+    out = []
+    for i in range(0, len(rollouts), G):
+        group = rollouts[i : i + G]
+        head = f"{clean(group[0].problem.prompt)} {sum(r.reward > 0 for r in group)}/{len(group)}\n"
+        distinct = {}
+        for r in group:
+            distinct.setdefault(clean(r.completion), r)
+        out += [(r.problem, head + attempt_line(r) + "reflect:", [r]) for r in sorted(distinct.values(), key=lambda r: -r.reward)]
+    return out
+
+
+def attempt_line(r):
+    return f"{clean(r.completion)} {r.reward}" + ("" if r.reward else f" {clean(r.feedback, 16)}") + "\n"
+
+
+def written(shown):
+    """The line the counting rule writes for these attempts: what warm-up teaches a reflector to write."""
+    said = dict.fromkeys(("ok " if passed else "bad ") + ",".join(s) for _, s, passed in counted(shown))
+    return ";".join(said) or "-"
+
+
+def parse_reflection(text):
+    """A reflector's line -> ([(strategy, passed)], parts dropped): each `;`-separated part must read `ok S` or `bad S`,
+    S printable steps separated by commas; anything else is dropped and counted, never raised."""
+    text = text.split("\n", 1)[0].strip()
+    if text == "-":
+        return [], 0
+    got, dropped = [], 0
+    for part in text.split(";"):
+        kind, _, s = part.partition(" ")
+        if kind in ("ok", "bad") and s.isascii() and s.isprintable() and " " not in s and all(s.split(",")):
+            got.append((tuple(s.split(",")), kind == "ok"))
+        else:
+            dropped += 1
+    return got, dropped
+
+
+def fidelity(verdicts, rule):
+    """Model-written verdicts against the counting rule's on the same rollouts, as counts: written (distinct), agree (the
+    rule's too: same strategy, same sign), flipped (a strategy of a faithful trace, the wrong sign), invented (a
+    strategy no faithful trace of the problem states), rule (the rule's, distinct) and missed (the rule's, not written)."""
+    m, r = ({(p.pid, s, ok) for p, s, ok in vs} for vs in (verdicts, rule))
+    supported = {(pid, s) for pid, s, _ in r}
+    wrong = m - r
+    flipped = sum((pid, s) in supported for pid, s, _ in wrong)
+    return dict(written=len(m), agree=len(m & r), flipped=flipped, invented=len(wrong) - flipped, rule=len(r), missed=len(r - m))
 
 
 def describe(mem):

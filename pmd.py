@@ -3,7 +3,8 @@ Procedural Memory Distillation: rollout, reflect, teacher, distill.
 
 One step, for every method (only what the student learns from differs):
     rollout   the student samples G completions per prompt; the task's verifier scores each
-    reflect   the rollouts update the memory (experiences -> insights -> patterns)
+    reflect   the rollouts update the memory (experiences -> insights -> patterns); the insights' verdicts come from
+              the counting rule, or from the teacher's weights reading each problem's attempts (reflect=model)
     teacher   the same network (live, EMA or frozen weights) reads a context and scores the
               student's own completion tokens: PMD's context is the memory rendered for the
               problem, SDPO's the first successful sibling in the sample's group
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from memory import LEVELS, Memory, experience_line
+from memory import LEVELS, Memory, counted, experience_line, fidelity, parse_reflection, reflection_prompts, written
 from model import completion_logits, completion_logits_shared, decode, encode, generate
 
 
@@ -74,6 +75,29 @@ class Clock:
         now = time.perf_counter()
         self.times[phase] = self.times.get(phase, 0.0) + now - self.last
         self.last = now
+
+
+# -----------------------------------------------------------------------------
+# reflect: the model writes the verdicts
+
+
+@torch.no_grad()
+def reflection(model, rollouts, G):
+    """The model, greedy, reads each problem's attempts (memory.reflection_prompts) and writes their verdicts: one
+    batched generation for the whole step. Returns (verdicts for Memory.update, counts: fidelity against the counting rule,
+    and dropped, the parts of its lines that do not parse)."""
+    chunks = reflection_prompts(rollouts, G)
+    prompts = [encode(text) for _, text, _ in chunks]
+    was_training = model.training
+    model.eval()
+    comps, _ = generate(model, prompts, 1, model.cfg.block_size - max(map(len, prompts)), temperature=0)
+    model.train(was_training)
+    verdicts, dropped = [], 0
+    for (problem, _, _), y in zip(chunks, comps):
+        got, bad = parse_reflection(decode(y))
+        verdicts += [(problem, s, ok) for s, ok in got]
+        dropped += bad
+    return verdicts, dict(fidelity(verdicts, counted(rollouts)), dropped=dropped)
 
 
 # -----------------------------------------------------------------------------
@@ -191,19 +215,25 @@ def step(model, teacher, task, memory, problems, cfg, generator, device, gather=
     clock: a Clock charged with each phase's time."""
     clock = clock or Clock()
     rolls = rollout(model, task, problems, cfg.group_size, cfg.temperature, generator, clock)
+    stats = dict(reward=sum(r.reward for r in rolls) / len(rolls))
     if reflect:  # every method keeps a memory (so teacher_acc is comparable); only PMD's teacher reads it
         if cfg.transient:  # PMD-Transient: the memory holds this batch only, and is gone after the step
             memory.forget()
-        memory.update(rolls if gather is None else gather(rolls))
+        seen, verdicts = rolls if gather is None else gather(rolls), None
+        if cfg.reflect == "model":  # the teacher's weights write the verdicts (a frozen policy's teacher is frozen too)
+            verdicts, counts = reflection(teacher, seen, cfg.group_size)
+            stats.update({f"reflect_{k}": v for k, v in counts.items()})
+            clock("reflect")
+        memory.update(seen, verdicts)
     clock("memory")
     if cfg.policy_frozen:  # the paper's frozen policy: it never trains; the memory evolves from its rollouts
-        return None, dict(reward=sum(r.reward for r in rolls) / len(rolls))
+        return None, stats
     contexts = teacher_contexts(cfg.method, rolls, cfg.group_size, memory, [l for l in cfg.memory_levels.split(",") if l])
     prompts = [encode(r.problem.prompt) for r in rolls]
     s_logits, targets = completion_logits(model, prompts, [r.tokens for r in rolls], device)  # (N, L, V), (N, L)
     mask = (targets >= 0).float()
     rewards = torch.tensor([float(r.reward) for r in rolls], device=device)
-    stats = dict(reward=rewards.mean().item(), length=mask.sum(1).mean().item())
+    stats["length"] = mask.sum(1).mean().item()
     loss = 0.0 * s_logits.sum()  # a graph even when every rollout is masked out
     if cfg.method == "grpo" or cfg.pg_weight > 0:
         adv = grpo_advantages(rewards, cfg.group_size, cfg.adv_std)
@@ -268,7 +298,7 @@ def plain_pool(task):
     return {f: ps for f, (_, ps) in pool.items()}
 
 
-def warmup_example(task, rng, memory_settings, p_plain=0.3, p_right=(0.0, 0.2, 0.5), p_unseen=0.35):
+def warmup_example(task, rng, memory_settings, p_plain=0.3, p_right=(0.0, 0.2, 0.5), p_unseen=0.35, p_reflect=0.0, group_size=8):
     """(context, prompt, completion) for one problem of fresh warm-up families.
 
     A memory is filled with plausible attempts (right, wrong, lucky passes of wrong plans, some unfaithful) at some
@@ -277,7 +307,8 @@ def warmup_example(task, rng, memory_settings, p_plain=0.3, p_right=(0.0, 0.2, 0
     weigh a lone pass against counted evidence, avoid a failed plan, take the steps its clusters share) and, without
     context, a uniform guess over plans. p_plain: the share with no context; p_right: the rates of right attempts
     a memory is drawn with (0: failures and lucky passes only, as in RL before discovery); p_unseen: the share whose
-    target family has no memory of its own (as a family RL never trains on)."""
+    target family has no memory of its own (as a family RL never trains on); p_reflect: the share of the others that
+    teach reflection instead (reflection_example, with groups of up to group_size attempts)."""
     probs = task.warmup_group(rng)
     if rng.random() < p_plain:  # no context: half the time a family of a fixed pool, whose id always means the same plan
         pool = plain_pool(task)
@@ -288,6 +319,8 @@ def warmup_example(task, rng, memory_settings, p_plain=0.3, p_right=(0.0, 0.2, 0
             probs = [p for p in probs if p.family not in pool] or pool[rng.choice(families)]
         target = rng.choice(probs)
         return "", target.prompt, task.solve(target)
+    if p_reflect and rng.random() < p_reflect:  # drawn only when asked: without reflection the examples stay as they were
+        return reflection_example(task, rng, rng.choice(probs), group_size)
     target = rng.choice(probs)
     mem = Memory(**memory_settings)
     seen = rng.sample(probs, rng.randint(1, len(probs)))
@@ -303,3 +336,17 @@ def warmup_example(task, rng, memory_settings, p_plain=0.3, p_right=(0.0, 0.2, 0
     mem.update(rolls)
     levels = [l for l in LEVELS if rng.random() < 0.6] or [rng.choice(LEVELS)]
     return mem.render(target, levels), target.prompt, task.solve(target)
+
+
+def reflection_example(task, rng, problem, G):
+    """("", prompt, completion): the attempts at one warm-up problem as a reflector reads them (memory.reflection_prompts)
+    and, as the target, the verdicts the counting rule draws from them. A group is up to G attempts drawn, with
+    repeats, from a few distinct ones (RL's groups repeat a trace), at a random rate of right plans, some cut short
+    (malformed: no verdict to write)."""
+    rate, distinct = rng.choice((0.0, 0.2, 0.5, 0.9)), rng.randint(1, G)
+    texts = [task.attempt(problem, rng, rate, p_lucky=0.3) for _ in range(distinct)]
+    texts = [t[: rng.randrange(1, len(t))] + "\n" if rng.random() < 0.15 else t for t in texts]
+    rolls = [Rollout(problem, t, [], [], *task.verify(problem, t), task.strategy(problem, t))
+             for t in (rng.choice(texts) for _ in range(rng.randint(distinct, G)))]
+    _, prompt, shown = rng.choice(reflection_prompts(rolls, len(rolls)))
+    return "", prompt, written(shown) + "\n"

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from memory import LEVELS, SETTINGS as MEMORY_DEFAULTS, Memory
 from model import GPT, GPTConfig, VOCAB_SIZE, encode, decode, generate
-from pmd import Clock, Rollout, ema_update, make_teacher, sft_loss, step as pmd_step, warmup_example
+from pmd import Clock, Rollout, ema_update, make_teacher, reflection, rollout, sft_loss, step as pmd_step, warmup_example
 from verify import HiddenProcedures, check_settings as check_task_settings, sizes as task_sizes
 
 # -----------------------------------------------------------------------------
@@ -101,6 +101,7 @@ mem_max_patterns = 8  # [1, inf): patterns kept per group (memory.SETTINGS)
 mem_min_agree = 2  # [1, inf): net passing inputs before a strategy is confirmed (memory.SETTINGS)
 mem_min_support = 2  # [1, inf): confirmed families sharing a step before it is a pattern (memory.SETTINGS)
 mem_budget = 160  # [0, inf): characters of context per problem
+reflect = "count"  # count|model: who draws insights from a problem's attempts: the counting rule, or the teacher's weights (taught in warm-up)
 # -----------------------------------------------------------------------------
 CONFIG_KEYS = [k for k, v in dict(globals()).items() if not k.startswith("_") and k.islower() and isinstance(v, (int, float, bool, str))]
 CONFIG_KEYS = CONFIG_KEYS[CONFIG_KEYS.index("out_dir") :]
@@ -211,6 +212,9 @@ def check_fit(c, prompt_tokens, completion_tokens, train_problems, world):
     need = prompt_tokens + completion_tokens + c.mem_budget
     if need > c.block_size:
         raise ValueError(f"block_size={c.block_size} is too small: mem_budget={c.mem_budget} + prompt + completion take {need} tokens")
+    if c.reflect == "model" and prompt_tokens + 2 * completion_tokens + 32 > c.block_size:  # header, one attempt, its verdict
+        raise ValueError(f"block_size={c.block_size} is too small for reflect=model: a reflection on one attempt takes about "
+                         f"{prompt_tokens + 2 * completion_tokens + 32} tokens")
     if c.prompts_per_step > train_problems:
         raise ValueError(f"prompts_per_step={c.prompts_per_step} exceeds the {train_problems} training problems")
     if c.prompts_per_step % world:
@@ -426,11 +430,32 @@ def headroom(model, task, c, device):
     return rows
 
 
+def fidelity_shares(counts, prefix="reflect_"):
+    """memory.fidelity's counts (summed over any number of reflections) as shares: of the verdicts written, those the
+    counting rule agrees with, flips and invents; of the rule's, those missed; and the unparsed parts, a count."""
+    w, r = counts.get("written", 0), counts.get("rule", 0)
+    share = lambda n, d: round(n / d, 4) if d else None
+    return {f"{prefix}{k}": v for k, v in dict(agree=share(counts.get("agree", 0), w), flipped=share(counts.get("flipped", 0), w),
+            invented=share(counts.get("invented", 0), w), missed=share(counts.get("missed", 0), r), written=w, dropped=counts.get("dropped", 0)).items()}
+
+
+def reflection_probe(model, teacher, task, c, device):
+    """Reflection fidelity on the RL families' rollouts: group_size samples of the student at the RL temperature (from a
+    generator of its own) on each family's first training problem, which the teacher's weights reflect on (pmd.reflection),
+    scored against the counting rule on the same rollouts (fidelity_shares)."""
+    firsts = {}
+    for p in task.train:
+        firsts.setdefault(p.family, p)
+    probs = list(firsts.values())
+    rolls = rollout(model, task, probs, c.group_size, c.temperature, torch.Generator(device=device).manual_seed(c.seed))
+    return fidelity_shares(reflection(teacher, rolls, c.group_size)[1])
+
+
 def evaluate(model, teacher, task, memory, c, device, pass_k=False, right=None):
     """Greedy accuracy of the memory-free student and of the teacher reading the memory, on both evaluation sets
     (heldout_acc, teacher_acc; unseen_acc, teacher_unseen_acc), the same per family (family_acc, teacher_family_acc:
     set -> family -> accuracy), and the memory's size per level (memory.census; right: right_strategies(task)); with
-    pass_k (at a run's start and end) also the student's pass@k on both."""
+    pass_k (at a run's start and end) also the student's pass@k on both; with reflect=model the reflection probe."""
     model.eval()
     levels = [l for l in c.memory_levels.split(",") if l]
     out, fam, t_fam = memory.census(right or {}), {}, {}
@@ -443,6 +468,8 @@ def evaluate(model, teacher, task, memory, c, device, pass_k=False, right=None):
         fam[name], t_fam[name] = per_family(probs, student), per_family(probs, teacher_)
         if pass_k:
             out.update({f"{name}_pass@{k}": v for k, v in pass_at_k(model, task, probs, c, device).items()})
+    if c.reflect == "model":
+        out.update(reflection_probe(model, teacher, task, c, device))
     model.train()
     return dict(out, family_acc=fam, teacher_family_acc=t_fam)
 
@@ -452,6 +479,12 @@ def evaluate(model, teacher, task, memory, c, device, pass_k=False, right=None):
 
 
 WARMUP_VERSION = 5  # part of the cache key: bump it when the model's code or the warm-up data change
+REFLECTION = 0.2  # with reflect=model: the share of the warm-up's and replay's examples with a context that teach reflection
+
+
+def reflection_mix(c):
+    """warmup_example's reflection settings: none with reflect=count (its warm-up and replay stay as they were)."""
+    return dict(p_reflect=REFLECTION, group_size=c.group_size) if c.reflect == "model" else {}
 
 
 def warmup(c, task, device):
@@ -460,7 +493,7 @@ def warmup(c, task, device):
             "warmup_seed", "mem_max_experiences", "mem_max_insights", "mem_min_agree", "mem_min_support", "mem_budget")
     problems = [p.pid for p in task.train + task.heldout + task.unseen]  # a task's settings show in its problems
     key = dict({k: getattr(c, k) for k in keys}, task=type(task).__name__, max_completion=task.max_completion, version=WARMUP_VERSION,
-               problems=hashlib.sha1(json.dumps(problems).encode()).hexdigest())
+               problems=hashlib.sha1(json.dumps(problems).encode()).hexdigest(), **reflection_mix(c))
     tag = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     path = os.path.join(c.cache_dir, f"warmup-{tag}.pt")
     torch.manual_seed(c.warmup_seed)  # before the model's init: torch's start-up seed differs from process to process
@@ -478,7 +511,8 @@ def warmup(c, task, device):
 def train_warmup(model, c, task, device):
     """Supervised steps on fresh warm-up families (pmd.warmup_example), in three phases: executing a plan with no context
     (the first 5/12 of the steps), then reading contexts whose memories hold more right attempts than RL's will (to
-    11/12), then the mix RL's memories have. Execution first is what makes the warm-up reliable (README, Warm-up)."""
+    11/12), then the mix RL's memories have. Execution first is what makes the warm-up reliable (README, Warm-up).
+    With reflect=model the two later phases also teach reflection (reflection_mix)."""
     rng = random.Random(c.warmup_seed)
     opt = torch.optim.AdamW(model.parameters(), lr=c.warmup_lr, weight_decay=0.0)
     settings = memory_settings(c)
@@ -489,6 +523,7 @@ def train_warmup(model, c, task, device):
             g["lr"] = c.warmup_lr * min(1.0, (it + 1) / 50) * (1 - it / c.warmup_steps)
         if not batches:  # draw 32 batches at once and group them by length: 3 % padding (11 % over 8 batches, 57 % ungrouped)
             phase = dict(p_plain=1) if it < c.warmup_steps * 5 // 12 else dict(p_plain=0, p_right=(0.5, 0.8, 1.0)) if it < c.warmup_steps * 11 // 12 else {}
+            phase.update(reflection_mix(c) if it >= c.warmup_steps * 5 // 12 else {})  # reflection is learnt beside reading
             pool = sorted((warmup_example(task, rng, settings, **phase) for _ in range(32 * c.warmup_batch)), key=lambda e: sum(map(len, e)))
             batches = [pool[i : i + c.warmup_batch] for i in range(0, len(pool), c.warmup_batch)]
             rng.shuffle(batches)
@@ -582,6 +617,12 @@ def start(c, task, device, rank=0, world=1):
             probs = getattr(task, name)
             what = f"{name} ({len(probs)} problems, {len({p.family for p in probs})} families)"
             print(f"  {what:<32}" + "".join(f"{'-' if v is None else f'{v:.3f}':>19}" for v in row.values()))
+        if c.reflect == "model":
+            f = reflection_probe(model, model, task, c, device)
+            pct = lambda k: "-" if f[k] is None else f"{f[k]:.1%}"
+            print(f"  reflection fidelity on the RL families' rollouts ({f['reflect_written']} verdicts written, {f['reflect_dropped']} parts "
+                  f"unparsed): the rule agrees with {pct('reflect_agree')}, flipped {pct('reflect_flipped')}, invented "
+                  f"{pct('reflect_invented')}; missed {pct('reflect_missed')} of the rule's")
         model.train()
     run = SimpleNamespace(c=c, task=task, device=device, rank=rank, world=world, model=model, memory=memory, step=0, rollouts=0,
                           teacher=make_teacher(model, c.teacher), opt=torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.0),
@@ -615,7 +656,7 @@ def train_step(run, problems, clock=None):
                                gather=run.gather if run.world > 1 else None, reflect=reflect, clock=clock)
         if loss is not None and c.replay:
             settings = memory_settings(c)
-            replay = [warmup_example(run.task, run.rng, settings, p_plain=0) for _ in range(c.replay)]
+            replay = [warmup_example(run.task, run.rng, settings, p_plain=0, **reflection_mix(c)) for _ in range(c.replay)]
             loss = loss + c.replay_weight * sft_loss(run.student, replay, device)
     loss, norm, finite = (torch.zeros(()), torch.zeros(()), True) if loss is None else update(run, loss, stats, clock)
     run.step += 1
@@ -714,10 +755,13 @@ def main(argv, task=None):
     else:
         before = json.loads(open(metrics_path).readline())["heldout_acc"] if master else 0.0
     bar = tqdm(range(run.step, c.steps), desc=c.method, dynamic_ncols=True, initial=run.step, total=c.steps, disable=not master)
-    last, nonfinite, saved, rewards = {}, 0, run.step if c.init_from == "resume" else None, []
+    last, nonfinite, saved, rewards, reflected = {}, 0, run.step if c.init_from == "resume" else None, [], {}
     for it in bar:
         loss, norm, stats, finite = train_step(run, rng.sample(task.train, c.prompts_per_step))
         rewards.append(stats["reward"])
+        for k, v in stats.items():  # the model's verdicts that reached the memory (reflect=model)
+            if k.startswith("reflect_"):
+                reflected[k[8:]] = reflected.get(k[8:], 0) + v
         nonfinite = 0 if finite else nonfinite + 1
         if not finite and master:
             tqdm.write(f"warning: step {it + 1}: non-finite loss ({loss.item():.4g}) or gradient norm ({norm.item():.4g}); "
@@ -726,8 +770,9 @@ def main(argv, task=None):
             where = f"the last good checkpoint, {ckpt_path} (step {saved}), is intact" if saved is not None else "no checkpoint was written"
             raise ValueError(f"{nonfinite} consecutive steps with a non-finite loss or gradient norm (steps {it + 2 - nonfinite}-{it + 1}); stopped, {where}")
         if (it + 1) % c.eval_interval == 0 or it + 1 == c.steps:
-            last = log(it + 1, dict(reward=sum(rewards) / len(rewards)), pass_k=it + 1 == c.steps)  # mean since the last evaluation
-            rewards = []
+            since = dict(reward=sum(rewards) / len(rewards), **(fidelity_shares(reflected, "rl_reflect_") if reflected else {}))
+            last = log(it + 1, since, pass_k=it + 1 == c.steps)  # means since the last evaluation
+            rewards, reflected = [], {}
             save(it + 1)
             saved = it + 1
         bar.set_postfix(reward=f"{stats['reward']:.2f}", heldout=f"{last.get('heldout_acc', before):.2f}", teacher=f"{last.get('teacher_acc', 0):.2f}")

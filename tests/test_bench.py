@@ -132,3 +132,25 @@ def test_claims_are_paired_differences_with_their_standard_error():
     frozen = rows["frozen-policy < pmd by 10%"].split("|")
     assert "(does not hold)" in frozen[2] and "+0.060" in frozen[2] and "(holds)" in frozen[3]  # 0.06 is short of 10 points
     assert bench_module.claims_table(records, ["grpo"]) == ""
+
+
+def test_parity_claim_holds_unless_below_by_more_than_two_standard_errors():
+    """("pmd", "pmd-reflect", None): the model's reflection holds if its difference from counting is above -2 SE."""
+    def rec(m, s, h):
+        return dict(method=m, seed=s, heldout_acc=h, unseen_acc=h)
+    level = [rec("pmd", s, 0.8) for s in range(3)] + [rec("pmd-reflect", s, 0.8 + d) for s, d in enumerate((-0.02, 0.0, 0.01))]
+    below = [rec("pmd", s, 0.8) for s in range(3)] + [rec("pmd-reflect", s, 0.6 + 0.01 * s) for s in range(3)]
+    for records, verdict in ((level, "(holds)"), (below, "(does not hold)")):
+        [row] = bench_module.claims_table(records, ["pmd", "pmd-reflect"]).splitlines()[2:]
+        assert row.startswith("| pmd-reflect within 2 SE of pmd or above |") and row.split("|")[2].strip().endswith(verdict)
+
+
+def test_bench_with_the_models_reflection_trains_its_own_warmups_first_and_reports_fidelity(tmp_path):
+    p = bench(TINY + ["--seeds=1,2", "--variants=pmd,pmd-reflect"], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert len(list((tmp_path / "cache").glob("warmup-*.pt"))) == 4  # per table: counting's and reflect=model's
+    assert "| pmd-reflect within 2 SE of pmd or above |" in p.stdout
+    fidelity = p.stdout.split("fidelity against the counting rule", 1)[1].splitlines()
+    assert [l.split("|")[1].strip() for l in fidelity if l.startswith("| ") and l[2].isdigit()] == ["1", "2"]
+    for s in (1, 2):  # every run's log says it loaded its warm-up: bench.py trained them all before the runs
+        assert "warm-up: loaded" in open(tmp_path / "bench" / "runs" / f"pmd-reflect-s{s}" / "log.txt").read()

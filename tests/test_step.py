@@ -16,7 +16,7 @@ PROBLEMS = TASK.train[:2]
 
 def cfg(**kw):
     base = dict(group_size=2, temperature=1.0, method="pmd", memory_levels="experience,insight,pattern",
-                pg_weight=0.0, adv_std=False, alpha=0.0, topk=0, sampled_token=False, is_clip=0.0, transient=False, policy_frozen=False)
+                pg_weight=0.0, adv_std=False, alpha=0.0, topk=0, sampled_token=False, is_clip=0.0, transient=False, policy_frozen=False, reflect="count")
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -93,6 +93,14 @@ def test_clock_charges_every_phase_of_a_step():
     times = {}
     run(cfg(), Memory(), clock=Clock(times))
     assert set(times) == {"rollout", "verify", "memory", "student", "teacher"} and all(t > 0 for t in times.values())
+
+
+def test_reflect_model_writes_the_verdicts_in_a_phase_of_its_own():
+    """reflect=model: the teacher's weights write the step's verdicts (counted against the rule in the stats)."""
+    times = {}
+    _, _, stats = run(cfg(reflect="model"), Memory(), clock=Clock(times))
+    assert "reflect" in times and times["reflect"] > 0
+    assert stats["reflect_written"] == stats["reflect_agree"] + stats["reflect_flipped"] + stats["reflect_invented"]
 
 
 def test_memory_successes_are_the_families_passing_trajectories():
