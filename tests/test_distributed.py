@@ -106,3 +106,10 @@ def test_rank_count_errors(run3, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match=r"prompts_per_step=3 must be divisible by the number of ranks \(2\)"):
         train.main(ARGS + ["--prompts_per_step=3"] + dirs(d, run3[2]))
+
+
+def test_two_ranks_agree_when_the_model_reflects(tmp_path):
+    """reflect=model: every rank reflects on all ranks' rollouts with the same weights, so the memories stay equal."""
+    p = torchrun(ARGS + ["--steps=2", "--reflect=model"] + dirs(tmp_path / "out", tmp_path / "cache"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [l.split(":")[0] for l in p.stdout.splitlines() if "all 2 ranks agree" in l] == ["step 1", "step 2"]
