@@ -154,12 +154,21 @@ def token_logprobs(logits, targets):
     return logp * (targets >= 0)
 
 
-def pg_loss(logp, adv, mask):
+PPO_CLIP = 0.2  # with several updates per batch: the policy's ratio to the sampler is clipped to [1 - 0.2, 1 + 0.2]
+
+
+def pg_loss(logp, adv, mask, logp_old=None):
     """Policy gradient, token-level mean over the rollouts whose advantage is not zero (a group whose samples all
     passed or all failed teaches nothing and does not dilute the others, as DAPO's dynamic sampling drops it).
-    One update per batch, so no ratio clip."""
+    logp_old (B, L), the sampler's log-probs, for several updates per batch: PPO's clipped ratio p / p_old (at the
+    first update the ratio is 1 and the gradient is the plain one's)."""
     informative = mask * (adv != 0)[:, None]
-    return -(adv[:, None] * logp * mask).sum() / informative.sum().clamp(min=1)
+    a = adv[:, None]
+    if logp_old is None:  # one update per batch
+        return -(a * logp * mask).sum() / informative.sum().clamp(min=1)
+    ratio = (logp - logp_old).exp()
+    surrogate = torch.minimum(ratio * a, ratio.clamp(1 - PPO_CLIP, 1 + PPO_CLIP) * a)
+    return -(surrogate * mask).sum() / informative.sum().clamp(min=1)
 
 
 def divergence(ls, lt, alpha):
@@ -207,14 +216,15 @@ def distill_loss(s_logits, t_logits, targets, mask, alpha=0.5, topk=0, sampled_t
 # one training step
 
 
-def step(model, teacher, task, memory, problems, cfg, generator, device, gather=None, reflect=True, clock=None):
+def step(model, teacher, task, memory, problems, cfg, generator, device, gather=None, reflect=True, clock=None, rolls=None):
     """Rollout, reflect, teacher, distill for one batch of problems. Returns (loss, stats) with the loss
     ready for backward (None for a frozen policy, which only feeds the memory).
     gather: maps this rank's rollouts to every rank's, merged in rank order, for the memory update (distributed).
     reflect: False leaves the memory as it is (a frozen memory).
-    clock: a Clock charged with each phase's time."""
+    clock: a Clock charged with each phase's time.
+    rolls: the batch's rollouts, already sampled (train_step samples once for its updates); None samples them here."""
     clock = clock or Clock()
-    rolls = rollout(model, task, problems, cfg.group_size, cfg.temperature, generator, clock)
+    rolls = rolls if rolls is not None else rollout(model, task, problems, cfg.group_size, cfg.temperature, generator, clock)
     stats = dict(reward=sum(r.reward for r in rolls) / len(rolls))
     if reflect:  # every method keeps a memory (so teacher_acc is comparable); only PMD's teacher reads it
         if cfg.transient:  # PMD-Transient: the memory holds this batch only, and is gone after the step
@@ -232,12 +242,16 @@ def step(model, teacher, task, memory, problems, cfg, generator, device, gather=
     prompts = [encode(r.problem.prompt) for r in rolls]
     s_logits, targets = completion_logits(model, prompts, [r.tokens for r in rolls], device)  # (N, L, V), (N, L)
     mask = (targets >= 0).float()
+    logp_old = torch.zeros_like(mask)  # the sampler's log-probs (N, L)
+    for i, r in enumerate(rolls):
+        logp_old[i, : len(r.logp_old)] = torch.tensor(r.logp_old)
     rewards = torch.tensor([float(r.reward) for r in rolls], device=device)
     stats["length"] = mask.sum(1).mean().item()
     loss = 0.0 * s_logits.sum()  # a graph even when every rollout is masked out
     if cfg.method == "grpo" or cfg.pg_weight > 0:
         adv = grpo_advantages(rewards, cfg.group_size, cfg.adv_std)
-        loss = loss + (1.0 if cfg.method == "grpo" else cfg.pg_weight) * pg_loss(token_logprobs(s_logits, targets), adv, mask)
+        pg = pg_loss(token_logprobs(s_logits, targets), adv, mask, logp_old if cfg.updates > 1 else None)
+        loss = loss + (1.0 if cfg.method == "grpo" else cfg.pg_weight) * pg
     clock("student")
     if cfg.method == "rft":  # the replay control: imitate the verified successes the memory keeps for the batch's families
         examples = memory_successes(memory, problems)
@@ -252,9 +266,6 @@ def step(model, teacher, task, memory, problems, cfg, generator, device, gather=
             with torch.no_grad():
                 t_logits, _ = completion_logits_shared(teacher, [encode(contexts[i]) + prompts[i] for i in keep], [rolls[i].tokens for i in keep], device)
             clock("teacher")
-            logp_old = torch.zeros_like(mask)
-            for i, r in enumerate(rolls):
-                logp_old[i, : len(r.logp_old)] = torch.tensor(r.logp_old)
             Lt = t_logits.size(1)  # the longest kept completion: a masked-out rollout may be longer
             kd = distill_loss(s_logits[keep, :Lt], t_logits, targets[keep, :Lt], mask[keep, :Lt], cfg.alpha, cfg.topk, cfg.sampled_token,
                               logp_old[keep, :Lt], cfg.is_clip)

@@ -76,6 +76,7 @@ lr_warmup = 20  # [0, inf): steps of linear learning-rate ramp at the start of R
 grad_clip = 1.0  # (0, inf): gradient norm clip
 max_nonfinite = 5  # [1, inf): a step with a non-finite loss or gradient norm is skipped; this many in a row stop the run
 replay = 16  # [0, inf): warm-up examples with a context mixed into every RL step (keeps the teacher able to read it)
+updates = 1  # [1, inf): optimizer updates per batch of rollouts, each with its own replay examples and EMA step (GRPO's ratio clipped as PPO's when > 1)
 replay_weight = 1.0  # [0, inf): the replay loss's weight beside the method's own loss (PMD's best, as lr)
 eval_interval = 20  # [1, inf): steps between evaluations (and checkpoints)
 # loss
@@ -645,23 +646,32 @@ def start(c, task, device, rank=0, world=1):
 
 
 def train_step(run, problems, clock=None):
-    """One RL step on this rank's share of problems: rollout, reflect, teacher, distill (pmd.step), plus replay, then
-    update. A frozen policy only feeds the memory. Returns (loss, grad norm, stats, finite)."""
+    """One RL step on this rank's share of problems: rollout, then `updates` times: reflect (the first time only),
+    teacher, distill (pmd.step), plus replay, then update. A frozen policy only feeds the memory. Returns (loss, grad
+    norm, stats, finite) of the last update; finite is whether every update was."""
     c, device = run.c, run.device
     clock = clock or Clock()
     share = problems[run.rank * len(problems) // run.world : (run.rank + 1) * len(problems) // run.world]
     reflect = c.memory_steps < 0 or run.step < c.memory_steps
-    with autocast(device):
-        loss, stats = pmd_step(run.student, run.teacher, run.task, run.memory, share, c, run.gen, device,
-                               gather=run.gather if run.world > 1 else None, reflect=reflect, clock=clock)
-        if loss is not None and c.replay:
-            settings = memory_settings(c)
-            replay = [warmup_example(run.task, run.rng, settings, p_plain=0, **reflection_mix(c)) for _ in range(c.replay)]
-            loss = loss + c.replay_weight * sft_loss(run.student, replay, device)
-    loss, norm, finite = (torch.zeros(()), torch.zeros(()), True) if loss is None else update(run, loss, stats, clock)
+    rolls = rollout(run.student, run.task, share, c.group_size, c.temperature, run.gen, clock)
+    every_finite, merged = True, {}
+    for k in range(c.updates):
+        with autocast(device):
+            loss, stats = pmd_step(run.student, run.teacher, run.task, run.memory, share, c, run.gen, device,
+                                   gather=run.gather if run.world > 1 else None, reflect=reflect and k == 0, clock=clock, rolls=rolls)
+            if loss is not None and c.replay:
+                settings = memory_settings(c)
+                replay = [warmup_example(run.task, run.rng, settings, p_plain=0, **reflection_mix(c)) for _ in range(c.replay)]
+                loss = loss + c.replay_weight * sft_loss(run.student, replay, device)
+        merged.update(stats)  # the reflection's counts come with the first update only
+        if loss is None:  # a frozen policy: nothing to update
+            loss, norm, finite = torch.zeros(()), torch.zeros(()), True
+            break
+        loss, norm, finite = update(run, loss, merged, clock)
+        every_finite = every_finite and finite
     run.step += 1
     run.rollouts += c.prompts_per_step * c.group_size
-    return loss, norm, stats, finite
+    return loss, norm, merged, every_finite
 
 
 def update(run, loss, stats, clock):

@@ -220,3 +220,25 @@ def test_pg_loss_is_a_mean_over_informative_rollouts_only():
     want = -(adv[:2, None] * lp[:2] * m[:2]).sum() / m[:2].sum()
     torch.testing.assert_close(pg_loss(lp, adv, m), want)
     assert pg_loss(lp, torch.zeros(3), m).item() == 0
+
+
+def test_clipped_pg_loss_matches_the_plain_one_at_the_sampler_and_stops_past_the_clip():
+    """Several updates per batch: at the sampler's own log-probs (ratio 1) the clipped loss's gradient is the plain
+    one's; once a token's ratio is past 1 + clip with a positive advantage (or below 1 - clip with a negative
+    one), its gradient is zero, so a batch cannot push a token arbitrarily far."""
+    s = logits(0)
+    tg, m = targets_and_mask((4, 4, 4))
+    adv = torch.tensor([1.0, -1.0, 0.5])
+    grads = []
+    for old in (None, token_logprobs(s, tg).detach()):
+        x = s.clone().requires_grad_(True)
+        loss = pg_loss(token_logprobs(x, tg), adv, m, old)
+        loss.backward()
+        grads.append((loss.detach(), x.grad))
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+    torch.testing.assert_close(grads[1][0], -(adv[:, None] * m).sum() / m.sum())  # the surrogate at ratio 1: -mean(adv)
+    x = s.clone().requires_grad_(True)
+    lp = token_logprobs(x, tg)
+    old = lp.detach() - torch.tensor([0.5, -0.5, 0.0])[:, None]  # ratio e^0.5 for rollout 0 (adv > 0), e^-0.5 for 1 (adv < 0)
+    pg_loss(lp, adv, m, old).backward()
+    assert x.grad[:2].abs().sum() == 0 and x.grad[2].abs().sum() > 0  # rollout 2 (ratio 1) still learns

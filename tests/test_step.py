@@ -16,7 +16,7 @@ PROBLEMS = TASK.train[:2]
 
 def cfg(**kw):
     base = dict(group_size=2, temperature=1.0, method="pmd", memory_levels="experience,insight,pattern",
-                pg_weight=0.0, adv_std=False, alpha=0.0, topk=0, sampled_token=False, is_clip=0.0, transient=False, policy_frozen=False, reflect="count")
+                pg_weight=0.0, adv_std=False, alpha=0.0, topk=0, sampled_token=False, is_clip=0.0, transient=False, policy_frozen=False, reflect="count", updates=1)
     return SimpleNamespace(**{**base, **kw})
 
 

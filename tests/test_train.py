@@ -150,3 +150,18 @@ def test_pass_at_k_is_the_unbiased_estimate(monkeypatch):
     got = train.pass_at_k(None, task, probs, SimpleNamespace(seed=0, temperature=1.0), "cpu")
     assert got[1] == pytest.approx((0 + 1 / 16 + 1) / 3) and got[16] == pytest.approx(2 / 3)
     assert got[4] == pytest.approx((0 + 4 / 16 + 1) / 3) and train.pass_at_k(None, task, [], None, "cpu") == {}
+
+
+@pytest.mark.parametrize("method", ["grpo", "pmd"])
+def test_several_updates_per_batch_sample_and_reflect_once_and_step_the_optimizer_each_time(tmp_path, method):
+    runs = {}
+    for n in (1, 3):
+        args = TINY + [f"--method={method}", f"--updates={n}", f"--out_dir={tmp_path / str(n)}", f"--cache_dir={tmp_path / 'cache'}"]
+        c, task, device, _, _ = train.setup(args)
+        run, _ = quiet(train.start, c, task, device)
+        train.train_step(run, run.rng.sample(task.train, c.prompts_per_step))
+        runs[n] = run
+    assert torch.equal(runs[1].gen.get_state(), runs[3].gen.get_state())  # one batch of rollouts either way
+    assert runs[1].memory.state() == runs[3].memory.state()  # and one memory update
+    adam_steps = lambda run: {int(s["step"]) for s in run.opt.state_dict()["state"].values()}
+    assert adam_steps(runs[1]) == {1} and adam_steps(runs[3]) == {3} and runs[3].step == 1
