@@ -62,7 +62,7 @@ METHODS = ("grpo", "sdpo", "rft", "pmd")
 # each method's settings: the best of `python bench.py --sweep` (mean over its 2 seeds); PMD's variants use PMD's
 TUNED = dict(grpo=dict(lr=3e-4, replay_weight=0.1), sdpo=dict(lr=3e-4, replay_weight=1.0), rft=dict(lr=3e-4, replay_weight=1.0),
              pmd=dict(lr=3e-4, replay_weight=1.0))
-SWEEP = dict(lr=(1e-4, 3e-4, 1e-3), replay_weight=(0.1, 1.0))  # the same grid for every method
+SWEEP = dict(lr=(1e-4, 3e-4, 1e-3), replay_weight=(0.1, 1.0), updates=(1, 4))  # the same grid for every method
 SWEEP_TASK = []  # the setting the sweep tunes at: the default
 SWEEP_SEEDS = (101, 102)
 EVERY = ["--eval_interval=10"]  # curves at every 640 rollouts (train.py's default evaluates half as often)
@@ -409,27 +409,40 @@ def plot_difficulty(records, knob, start, path):
     print(f"wrote {path}")
 
 
-def sweep(opts, common):
-    """Every method at every point of the SWEEP grid, at SWEEP_TASK, on seeds the benchmark does not use."""
-    grid = [dict(lr=lr, replay_weight=w) for lr in SWEEP["lr"] for w in SWEEP["replay_weight"]]
-    cells = [(m, i, s) for m in METHODS for i in range(len(grid)) for s in SWEEP_SEEDS]
-    jobs = [(f"sweep-{m}-lr{grid[i]['lr']:g}-rw{grid[i]['replay_weight']:g}-s{s}",
+def sweep_grid():
+    """The SWEEP grid's points; one update, train.py's default, is left out of a point's arguments and name."""
+    return [dict(lr=lr, replay_weight=w, **({} if u == 1 else dict(updates=u)))
+            for u in SWEEP["updates"] for lr in SWEEP["lr"] for w in SWEEP["replay_weight"]]
+
+
+def sweep_jobs(grid, cells, common):
+    """(name, train.py args) of each (method, grid point, seed) cell."""
+    name = lambda g: f"lr{g['lr']:g}-rw{g['replay_weight']:g}" + (f"-u{g['updates']}" if "updates" in g else "")
+    return [(f"sweep-{m}-{name(grid[i])}-s{s}",
              [*VARIANTS[m], *(f"--{k}={v}" for k, v in grid[i].items()), f"--seed={s}", *family_table(s, common), *EVERY, *SWEEP_TASK, *common])
             for m, i, s in cells]
+
+
+def sweep(opts, common):
+    """Every method at every point of the SWEEP grid, at SWEEP_TASK, on seeds the benchmark does not use."""
+    grid = sweep_grid()
+    cells = [(m, i, s) for m in METHODS for i in range(len(grid)) for s in SWEEP_SEEDS]
+    jobs = sweep_jobs(grid, cells, common)
     results = run_all(jobs, opts["bench_dir"], opts["workers"], warmups(SWEEP_SEEDS, common, SWEEP_TASK))
     acc = {}
     for (name, _), (m, i, s) in zip(jobs, cells):
         acc.setdefault((m, i), []).append(results[name]["metrics"][-1]["heldout_acc"])
     print(f"\nfinal memory-free accuracy on new inputs, mean ± std over seeds {SWEEP_SEEDS}, {' '.join(SWEEP_TASK)}: "
           f"python bench.py {' '.join(sys.argv[1:])}\n")
-    print("| method | " + " | ".join(f"lr {g['lr']:g}, w {g['replay_weight']:g}" for g in grid) + " |")
+    print("| method | " + " | ".join(f"lr {g['lr']:g}, w {g['replay_weight']:g}, {g.get('updates', 1)} upd." for g in grid) + " |")
     print("|---|" + "---|" * len(grid))
     best = {}
     for m in METHODS:
         print(f"| {m} | " + " | ".join(mean_std(acc[m, i]) for i in range(len(grid))) + " |")
         best[m] = grid[max(range(len(grid)), key=lambda i: statistics.mean(acc[m, i]))]
-    print("\nbest: " + "; ".join(f"{m} lr {b['lr']:g} replay_weight {b['replay_weight']:g}" for m, b in best.items()))
-    print("bench.py uses (TUNED): " + "; ".join(f"{m} lr {t['lr']:g} replay_weight {t['replay_weight']:g}" for m, t in TUNED.items()))
+    print("\nbest: " + "; ".join(f"{m} lr {b['lr']:g} replay_weight {b['replay_weight']:g} updates {b.get('updates', 1)}" for m, b in best.items()))
+    print("bench.py uses (TUNED): " + "; ".join(f"{m} lr {t['lr']:g} replay_weight {t['replay_weight']:g} updates {t.get('updates', 1)}"
+                                                for m, t in TUNED.items()))
     save_json(dict(grid=grid, seeds=SWEEP_SEEDS, task=SWEEP_TASK, acc={f"{m} {i}": a for (m, i), a in acc.items()}, best=best),
               os.path.join(opts["bench_dir"], "sweep.json"))
 
