@@ -292,7 +292,7 @@ def reflection_prompts(rollouts, G):
     """What a reflector reads, per problem (each group of G rollouts): for each distinct attempt (passes first), the
     problem's prompt and how many of its G attempts passed, then that attempt with the verifier's verdict, then
     `reflect:`. One attempt per prompt: a 3-layer model copies one trace's plan faithfully, and mixes up the plans of
-    several side by side (README, Reflection). Returns [(problem, prompt, shown)], shown the prompt's rollouts."""
+    several side by side (README, Reflection). Returns [(rollout, prompt)]."""
     out = []
     for i in range(0, len(rollouts), G):
         group = rollouts[i : i + G]
@@ -300,7 +300,7 @@ def reflection_prompts(rollouts, G):
         distinct = {}
         for r in group:
             distinct.setdefault(clean(r.completion), r)
-        out += [(r.problem, head + attempt_line(r) + "reflect:", [r]) for r in sorted(distinct.values(), key=lambda r: -r.reward)]
+        out += [(r, head + attempt_line(r) + "reflect:") for r in sorted(distinct.values(), key=lambda r: -r.reward)]
     return out
 
 
@@ -308,10 +308,9 @@ def attempt_line(r):
     return f"{clean(r.completion)} {r.reward}" + ("" if r.reward else f" {clean(r.feedback, 16)}") + "\n"
 
 
-def written(shown):
-    """The line the counting rule writes for these attempts: what warm-up teaches a reflector to write."""
-    said = dict.fromkeys(("ok " if passed else "bad ") + ",".join(s) for _, s, passed in counted(shown))
-    return ";".join(said) or "-"
+def written(r):
+    """The verdict the counting rule writes for one attempt: what warm-up teaches a reflector to write."""
+    return "-" if r.strategy is None else ("ok " if r.reward else "bad ") + ",".join(r.strategy)
 
 
 def parse_reflection(text):

@@ -87,15 +87,15 @@ def reflection(model, rollouts, G):
     batched generation for the whole step. Returns (verdicts for Memory.update, counts: fidelity against the counting rule,
     and dropped, the parts of its lines that do not parse)."""
     chunks = reflection_prompts(rollouts, G)
-    prompts = [encode(text) for _, text, _ in chunks]
+    prompts = [encode(text) for _, text in chunks]
     was_training = model.training
     model.eval()
     comps, _ = generate(model, prompts, 1, model.cfg.block_size - max(map(len, prompts)), temperature=0)
     model.train(was_training)
     verdicts, dropped = [], 0
-    for (problem, _, _), y in zip(chunks, comps):
+    for (r, _), y in zip(chunks, comps):
         got, bad = parse_reflection(decode(y))
-        verdicts += [(problem, s, ok) for s, ok in got]
+        verdicts += [(r.problem, s, ok) for s, ok in got]
         dropped += bad
     return verdicts, dict(fidelity(verdicts, counted(rollouts)), dropped=dropped)
 
@@ -216,17 +216,17 @@ def distill_loss(s_logits, t_logits, targets, mask, alpha=0.5, topk=0, sampled_t
 # one training step
 
 
-def step(model, teacher, task, memory, problems, cfg, generator, device, gather=None, reflect=True, clock=None, rolls=None):
+def step(model, teacher, task, memory, problems, cfg, generator, device, gather=None, update_memory=True, clock=None, rolls=None):
     """Rollout, reflect, teacher, distill for one batch of problems. Returns (loss, stats) with the loss
     ready for backward (None for a frozen policy, which only feeds the memory).
     gather: maps this rank's rollouts to every rank's, merged in rank order, for the memory update (distributed).
-    reflect: False leaves the memory as it is (a frozen memory).
+    update_memory: False leaves the memory as it is (a frozen memory).
     clock: a Clock charged with each phase's time.
     rolls: the batch's rollouts, already sampled (train_step samples once for its updates); None samples them here."""
     clock = clock or Clock()
     rolls = rolls if rolls is not None else rollout(model, task, problems, cfg.group_size, cfg.temperature, generator, clock)
     stats = dict(reward=sum(r.reward for r in rolls) / len(rolls))
-    if reflect:  # every method keeps a memory (so teacher_acc is comparable); only PMD's teacher reads it
+    if update_memory:  # every method keeps a memory (so teacher_acc is comparable); only PMD's teacher reads it
         if cfg.transient:  # PMD-Transient: the memory holds this batch only, and is gone after the step
             memory.forget()
         seen, verdicts = rolls if gather is None else gather(rolls), None
@@ -242,15 +242,12 @@ def step(model, teacher, task, memory, problems, cfg, generator, device, gather=
     prompts = [encode(r.problem.prompt) for r in rolls]
     s_logits, targets = completion_logits(model, prompts, [r.tokens for r in rolls], device)  # (N, L, V), (N, L)
     mask = (targets >= 0).float()
-    logp_old = torch.zeros_like(mask)  # the sampler's log-probs (N, L)
-    for i, r in enumerate(rolls):
-        logp_old[i, : len(r.logp_old)] = torch.tensor(r.logp_old)
     rewards = torch.tensor([float(r.reward) for r in rolls], device=device)
     stats["length"] = mask.sum(1).mean().item()
     loss = 0.0 * s_logits.sum()  # a graph even when every rollout is masked out
     if cfg.method == "grpo" or cfg.pg_weight > 0:
         adv = grpo_advantages(rewards, cfg.group_size, cfg.adv_std)
-        pg = pg_loss(token_logprobs(s_logits, targets), adv, mask, logp_old if cfg.updates > 1 else None)
+        pg = pg_loss(token_logprobs(s_logits, targets), adv, mask, sampler_logprobs(rolls, mask) if cfg.updates > 1 else None)
         loss = loss + (1.0 if cfg.method == "grpo" else cfg.pg_weight) * pg
     clock("student")
     if cfg.method == "rft":  # the replay control: imitate the verified successes the memory keeps for the batch's families
@@ -268,11 +265,19 @@ def step(model, teacher, task, memory, problems, cfg, generator, device, gather=
             clock("teacher")
             Lt = t_logits.size(1)  # the longest kept completion: a masked-out rollout may be longer
             kd = distill_loss(s_logits[keep, :Lt], t_logits, targets[keep, :Lt], mask[keep, :Lt], cfg.alpha, cfg.topk, cfg.sampled_token,
-                              logp_old[keep, :Lt], cfg.is_clip)
+                              sampler_logprobs(rolls, mask)[keep, :Lt], cfg.is_clip)
             loss = loss + kd  # a token mean over the kept rollouts only, as SDPO's: masked-out ones do not dilute it
             stats["distill"] = kd.item()
             clock("student")
     return loss, stats
+
+
+def sampler_logprobs(rolls, mask):
+    """The sampler's log-prob of each completion token, (N, L) like mask: for an importance weight or PPO's ratio."""
+    out = torch.zeros_like(mask)
+    for i, r in enumerate(rolls):
+        out[i, : len(r.logp_old)] = torch.tensor(r.logp_old)
+    return out
 
 
 def memory_successes(memory, problems):
@@ -359,5 +364,5 @@ def reflection_example(task, rng, problem, G):
     texts = [t[: rng.randrange(1, len(t))] + "\n" if rng.random() < 0.15 else t for t in texts]
     rolls = [Rollout(problem, t, [], [], *task.verify(problem, t), task.strategy(problem, t))
              for t in (rng.choice(texts) for _ in range(rng.randint(distinct, G)))]
-    _, prompt, shown = rng.choice(reflection_prompts(rolls, len(rolls)))
-    return "", prompt, written(shown) + "\n"
+    attempt, prompt = rng.choice(reflection_prompts(rolls, len(rolls)))
+    return "", prompt, written(attempt) + "\n"

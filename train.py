@@ -652,15 +652,14 @@ def train_step(run, problems, clock=None):
     c, device = run.c, run.device
     clock = clock or Clock()
     share = problems[run.rank * len(problems) // run.world : (run.rank + 1) * len(problems) // run.world]
-    reflect = c.memory_steps < 0 or run.step < c.memory_steps
+    update_memory = c.memory_steps < 0 or run.step < c.memory_steps
     rolls = rollout(run.student, run.task, share, c.group_size, c.temperature, run.gen, clock)
-    every_finite, merged = True, {}
+    every_finite, merged, settings = True, {}, memory_settings(c)
     for k in range(c.updates):
         with autocast(device):
             loss, stats = pmd_step(run.student, run.teacher, run.task, run.memory, share, c, run.gen, device,
-                                   gather=run.gather if run.world > 1 else None, reflect=reflect and k == 0, clock=clock, rolls=rolls)
+                                   gather=run.gather if run.world > 1 else None, update_memory=update_memory and k == 0, clock=clock, rolls=rolls)
             if loss is not None and c.replay:
-                settings = memory_settings(c)
                 replay = [warmup_example(run.task, run.rng, settings, p_plain=0, **reflection_mix(c)) for _ in range(c.replay)]
                 loss = loss + c.replay_weight * sft_loss(run.student, replay, device)
         merged.update(stats)  # the reflection's counts come with the first update only
@@ -771,7 +770,7 @@ def main(argv, task=None):
         rewards.append(stats["reward"])
         for k, v in stats.items():  # the model's verdicts that reached the memory (reflect=model)
             if k.startswith("reflect_"):
-                reflected[k[8:]] = reflected.get(k[8:], 0) + v
+                reflected[k.removeprefix("reflect_")] = reflected.get(k.removeprefix("reflect_"), 0) + v
         nonfinite = 0 if finite else nonfinite + 1
         if not finite and master:
             tqdm.write(f"warning: step {it + 1}: non-finite loss ({loss.item():.4g}) or gradient norm ({norm.item():.4g}); "

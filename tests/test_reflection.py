@@ -24,24 +24,23 @@ def group():
 def test_counting_rule_writes_one_verdict_per_faithful_trace():
     p, rolls = group()
     assert counted(rolls) == [(p, ("rol", "swp"), True), (p, ("rev", "stp"), False), (p, ("rol", "swp"), True)]
-    assert written(rolls) == "ok rol,swp;bad rev,stp"
-    assert written(rolls[2:3]) == "-"
+    assert [written(r) for r in rolls] == ["ok rol,swp", "bad rev,stp", "-", "ok rol,swp"]  # an unfaithful trace: no verdict
 
 
 def test_each_distinct_attempt_is_one_prompt_with_the_groups_pass_count_passes_first():
     p, rolls = group()
     prompts = reflection_prompts([rolls[1], *rolls[2:], rolls[0]], 4)
-    assert [shown for _, _, shown in prompts] == [[rolls[3]], [rolls[1]], [rolls[2]]]  # the repeated pass once, passes first
-    for prob, text, _ in prompts:
+    assert [r for r, _ in prompts] == [rolls[3], rolls[1], rolls[2]]  # the repeated pass once, passes first
+    for r, text in prompts:
         lines = text.splitlines()
-        assert prob is p and len(lines) == 3 and lines[0] == "A01:abc> 2/4" and lines[-1] == "reflect:"
+        assert r.problem is p and len(lines) == 3 and lines[0] == "A01:abc> 2/4" and lines[-1] == "reflect:"
     assert prompts[0][1].splitlines()[1].endswith(" 1") and prompts[1][1].splitlines()[1].endswith(" 0 wrong plan")
 
 
 def test_groups_are_reflected_on_separately():
     a, b = problem("A01", "abc"), problem("B02", "abc")
     prompts = reflection_prompts([rollout(a, 1, ("rol",)), rollout(a, 0, ("rev",)), rollout(b, 0, ("rev",)), rollout(b, 0, ("rev",))], 2)
-    assert [(p.pid, text.splitlines()[0]) for p, text, _ in prompts] == [("A01:abc", "A01:abc> 1/2"), ("A01:abc", "A01:abc> 1/2"),
+    assert [(r.problem.pid, text.splitlines()[0]) for r, text in prompts] == [("A01:abc", "A01:abc> 1/2"), ("A01:abc", "A01:abc> 1/2"),
                                                                         ("B02:abc", "B02:abc> 0/2")]
 
 
