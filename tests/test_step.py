@@ -34,7 +34,7 @@ def run(c, memory, **kw):
 
 def test_all_masked_step_still_backpropagates():
     """With nothing for the teacher to read, the loss is zero but still a graph: backward works, gradients are zero."""
-    model, loss, stats = run(cfg(), Memory(), reflect=False)
+    model, loss, stats = run(cfg(), Memory(), update_memory=False)
     assert loss.item() == 0 and stats["teacher_frac"] == 0
     assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.parameters())
 
@@ -43,7 +43,7 @@ def test_pmd_step_distils_towards_a_teacher_with_memory():
     """With a memory of the problems' reference traces, every rollout has a context and the loss has a gradient."""
     mem = Memory()
     mem.update([Rollout(p, TASK.solve(p), [], [], 1, "ok", TASK.strategy(p, TASK.solve(p))) for p in TASK.train])
-    model, loss, stats = run(cfg(), mem, reflect=False)
+    model, loss, stats = run(cfg(), mem, update_memory=False)
     assert stats["teacher_frac"] == 1 and loss.item() > 0 and stats["distill"] == pytest.approx(loss.item(), rel=1e-5)
     assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.parameters())
 
@@ -84,7 +84,7 @@ def test_a_masked_rollout_longer_than_every_kept_one(monkeypatch):
     monkeypatch.setattr(pmd, "teacher_contexts", lambda *a: [mem.render(r.problem) or None for r in rolls])
     mem = Memory()
     mem.update([Rollout(known, short, [], [], 1, "ok", TASK.strategy(known, short))])
-    model, loss, stats = run(cfg(), mem, reflect=False)
+    model, loss, stats = run(cfg(), mem, update_memory=False)
     assert stats["teacher_frac"] == 0.5 and torch.isfinite(loss) and loss.item() > 0
 
 
@@ -117,10 +117,26 @@ def test_memory_successes_are_the_families_passing_trajectories():
 def test_rft_step_imitates_the_memory_successes():
     """method rft: no teacher; with successes in the memory the loss is their cross-entropy (> 0, with a gradient),
     without any it is zero."""
-    _, loss, stats = run(cfg(method="rft"), Memory(), reflect=False)
+    _, loss, stats = run(cfg(method="rft"), Memory(), update_memory=False)
     assert loss.item() == 0 and stats["imitated"] == 0 and "teacher_frac" not in stats
     mem = Memory()
     mem.update([Rollout(p, TASK.solve(p), [], [], 1, "ok", None) for p in TASK.train])
-    model, loss, stats = run(cfg(method="rft"), mem, reflect=False)
+    model, loss, stats = run(cfg(method="rft"), mem, update_memory=False)
     assert stats["imitated"] == sum(p.family in {q.family for q in PROBLEMS} for p in TASK.train) and loss.item() > 0
     assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.parameters())
+
+
+def test_several_updates_make_grpo_weigh_its_ratio_to_the_sampler():
+    """updates > 1: GRPO's loss is PPO's clipped surrogate on the ratio to the sampler. With every sampler log-prob
+    lowered by 1 the ratio is e: a positive advantage counts 1.2 times (clipped), a negative one e times."""
+    model = tiny()
+    rolls = pmd.rollout(model, TASK, PROBLEMS, 2, 1.0, torch.Generator().manual_seed(0))
+    for i, r in enumerate(rolls):
+        r.reward, r.logp_old = int(i % 2 == 0), [lp - 1.0 for lp in r.logp_old]  # one pass per group: every advantage is nonzero
+    losses = {n: step(model, model, TASK, Memory(), PROBLEMS, cfg(method="grpo", updates=n), None, "cpu", update_memory=False,
+                      rolls=rolls)[0].item() for n in (1, 2)}
+    adv = pmd.grpo_advantages(torch.tensor([float(r.reward) for r in rolls]), 2)
+    lengths = torch.tensor([float(len(r.tokens)) for r in rolls])
+    weight = torch.where(adv > 0, torch.tensor(1.2), torch.tensor(1.0).exp())
+    assert losses[2] == pytest.approx(-(weight * adv * lengths).sum().item() / lengths.sum().item(), abs=1e-3)
+    assert abs(losses[1] - losses[2]) > 0.1  # one update: advantage x log-prob, no ratio
