@@ -6,8 +6,9 @@ Benchmarks: does PMD's memory make the memory-free student learn faster and bett
                                      # out/bench/curves.png
     python bench.py --difficulty     # GRPO, SDPO, rft and PMD at plan_len 1..4 (a random plan passes from often to
                                      # almost never): tables, out/bench/difficulty.json, out/bench/difficulty.png
-    python bench.py --sweep          # the tuning behind TUNED below: every method over the same grid of learning rate
-                                     # and replay weight, at the default setting, on 2 seeds the benchmark does not use
+    python bench.py --sweep          # the tuning behind TUNED below: every method over the same grid of learning rate,
+                                     # replay weight and updates per batch, at the default setting, on 2 seeds the
+                                     # benchmark does not use
     python bench.py --speed          # sampling speedup, per-phase time of one step, memory cost at 100x its size
     python bench.py --task_seed=1 --variants=grpo,sdpo,pmd --bench_dir=out/bench-t1
                                      # any train.py setting applies to every run (here: another family table)
@@ -60,8 +61,8 @@ WITH_MEMORY = ("frozen-policy",)  # scored by the policy reading its memory (the
 NO_LAG = WITH_MEMORY + ("pmd-transient",)  # no internalisation lag: a policy that never trains, a memory gone every step
 METHODS = ("grpo", "sdpo", "rft", "pmd")
 # each method's settings: the best of `python bench.py --sweep` (mean over its 2 seeds); PMD's variants use PMD's
-TUNED = dict(grpo=dict(lr=3e-4, replay_weight=0.1), sdpo=dict(lr=3e-4, replay_weight=1.0), rft=dict(lr=3e-4, replay_weight=1.0),
-             pmd=dict(lr=3e-4, replay_weight=1.0))
+TUNED = dict(grpo=dict(lr=3e-4, replay_weight=1.0, updates=4), sdpo=dict(lr=3e-4, replay_weight=1.0, updates=4),
+             rft=dict(lr=1e-3, replay_weight=1.0, updates=4), pmd=dict(lr=1e-3, replay_weight=1.0, updates=4))
 SWEEP = dict(lr=(1e-4, 3e-4, 1e-3), replay_weight=(0.1, 1.0), updates=(1, 4))  # the same grid for every method
 SWEEP_TASK = []  # the setting the sweep tunes at: the default
 SWEEP_SEEDS = (101, 102)
@@ -166,9 +167,10 @@ def mean_std(xs, f="{:.3f}"):
 
 
 def run_settings(args):
-    """The tuned settings a run used: the last --lr= and --replay_weight= of its arguments (a user's override wins)."""
-    last = {a[2:].split("=")[0]: float(a.split("=", 1)[1]) for a in args if a.startswith(("--lr=", "--replay_weight="))}
-    return dict(lr=last["lr"], replay_weight=last["replay_weight"])
+    """The tuned settings a run used: the last --lr=, --replay_weight= and --updates= of its arguments (a user's
+    override wins; a run without --updates took train.py's default)."""
+    last = {a[2:].split("=")[0]: float(a.split("=", 1)[1]) for a in args if a.startswith(("--lr=", "--replay_weight=", "--updates="))}
+    return dict(lr=last["lr"], replay_weight=last["replay_weight"], updates=int(last.get("updates", train.updates)))
 
 
 def record(variant, seed, res):
@@ -184,14 +186,14 @@ def record(variant, seed, res):
 
 
 def table(records, variants):
-    rows = ["| method | lr, replay w. | new inputs | unseen families | pass@16 new inputs | pass@16 unseen | rollouts to 80 % | teacher (new inputs) "
+    rows = ["| method | lr, replay w., updates | new inputs | unseen families | pass@16 new inputs | pass@16 unseen | rollouts to 80 % | teacher (new inputs) "
             "| internalisation lag (steps) | wall per run (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for v in variants:
         rs = [r for r in records if r["method"] == v]
         reached = [r["rollouts_to_80"] for r in rs if r["rollouts_to_80"] is not None]
         to80 = "not reached" if not reached else mean_std(reached, "{:.0f}") + ("" if len(reached) == len(rs) else f" ({len(reached)} of {len(rs)} seeds)")
         s = rs[0]["settings"]
-        rows.append(f"| {v} | {s['lr']:g}, {s['replay_weight']:g} | {mean_std([r['heldout_acc'] for r in rs])} | {mean_std([r.get('unseen_acc') for r in rs])} | "
+        rows.append(f"| {v} | {s['lr']:g}, {s['replay_weight']:g}, {s['updates']} | {mean_std([r['heldout_acc'] for r in rs])} | {mean_std([r.get('unseen_acc') for r in rs])} | "
                     f"{mean_std([r.get('heldout_pass@16') for r in rs])} | {mean_std([r.get('unseen_pass@16') for r in rs])} | {to80} | "
                     f"{mean_std([r['teacher_acc'] for r in rs])} | {mean_std([r.get('lag') for r in rs], '{:.0f}') if method_of(v) == 'pmd' and v not in NO_LAG else '-'} | "
                     f"{mean_std([r['wall_s'] for r in rs], '{:.0f}')} |")
@@ -410,14 +412,13 @@ def plot_difficulty(records, knob, start, path):
 
 
 def sweep_grid():
-    """The SWEEP grid's points; one update, train.py's default, is left out of a point's arguments and name."""
-    return [dict(lr=lr, replay_weight=w, **({} if u == 1 else dict(updates=u)))
-            for u in SWEEP["updates"] for lr in SWEEP["lr"] for w in SWEEP["replay_weight"]]
+    """The SWEEP grid's points."""
+    return [dict(lr=lr, replay_weight=w, updates=u) for u in SWEEP["updates"] for lr in SWEEP["lr"] for w in SWEEP["replay_weight"]]
 
 
 def sweep_jobs(grid, cells, common):
     """(name, train.py args) of each (method, grid point, seed) cell."""
-    name = lambda g: f"lr{g['lr']:g}-rw{g['replay_weight']:g}" + (f"-u{g['updates']}" if "updates" in g else "")
+    name = lambda g: f"lr{g['lr']:g}-rw{g['replay_weight']:g}-u{g['updates']}"
     return [(f"sweep-{m}-{name(grid[i])}-s{s}",
              [*VARIANTS[m], *(f"--{k}={v}" for k, v in grid[i].items()), f"--seed={s}", *family_table(s, common), *EVERY, *SWEEP_TASK, *common])
             for m, i, s in cells]
@@ -434,14 +435,14 @@ def sweep(opts, common):
         acc.setdefault((m, i), []).append(results[name]["metrics"][-1]["heldout_acc"])
     print(f"\nfinal memory-free accuracy on new inputs, mean ± std over seeds {SWEEP_SEEDS}, {' '.join(SWEEP_TASK)}: "
           f"python bench.py {' '.join(sys.argv[1:])}\n")
-    print("| method | " + " | ".join(f"lr {g['lr']:g}, w {g['replay_weight']:g}, {g.get('updates', 1)} upd." for g in grid) + " |")
+    print("| method | " + " | ".join(f"lr {g['lr']:g}, w {g['replay_weight']:g}, {g['updates']} upd." for g in grid) + " |")
     print("|---|" + "---|" * len(grid))
     best = {}
     for m in METHODS:
         print(f"| {m} | " + " | ".join(mean_std(acc[m, i]) for i in range(len(grid))) + " |")
         best[m] = grid[max(range(len(grid)), key=lambda i: statistics.mean(acc[m, i]))]
-    print("\nbest: " + "; ".join(f"{m} lr {b['lr']:g} replay_weight {b['replay_weight']:g} updates {b.get('updates', 1)}" for m, b in best.items()))
-    print("bench.py uses (TUNED): " + "; ".join(f"{m} lr {t['lr']:g} replay_weight {t['replay_weight']:g} updates {t.get('updates', 1)}"
+    print("\nbest: " + "; ".join(f"{m} lr {b['lr']:g} replay_weight {b['replay_weight']:g} updates {b['updates']}" for m, b in best.items()))
+    print("bench.py uses (TUNED): " + "; ".join(f"{m} lr {t['lr']:g} replay_weight {t['replay_weight']:g} updates {t['updates']}"
                                                 for m, t in TUNED.items()))
     save_json(dict(grid=grid, seeds=SWEEP_SEEDS, task=SWEEP_TASK, acc={f"{m} {i}": a for (m, i), a in acc.items()}, best=best),
               os.path.join(opts["bench_dir"], "sweep.json"))

@@ -71,12 +71,12 @@ steps = 200  # [1, inf): RL steps
 prompts_per_step = 8  # [1, inf): problems per step (at most the training problems; a multiple of the ranks)
 group_size = 8  # [1, inf): samples per problem (G)
 temperature = 1.0  # [0, inf): sampling temperature; 0 is greedy
-lr = 3e-4  # (0, 1]: RL learning rate: PMD's best in `python bench.py --sweep` (bench.TUNED has every method's)
+lr = 1e-3  # (0, 1]: RL learning rate: PMD's best in `python bench.py --sweep` (bench.TUNED has every method's)
 lr_warmup = 20  # [0, inf): steps of linear learning-rate ramp at the start of RL (a fresh Adam's first steps move every weight by lr)
 grad_clip = 1.0  # (0, inf): gradient norm clip
 max_nonfinite = 5  # [1, inf): a step with a non-finite loss or gradient norm is skipped; this many in a row stop the run
 replay = 16  # [0, inf): warm-up examples with a context mixed into every RL step (keeps the teacher able to read it)
-updates = 1  # [1, inf): optimizer updates per batch of rollouts, each with its own replay examples and EMA step (GRPO's ratio clipped as PPO's when > 1)
+updates = 4  # [1, inf): optimizer updates per batch of rollouts, each with its own replay examples and EMA step (GRPO's ratio clipped as PPO's when > 1); PMD's best, as lr
 replay_weight = 1.0  # [0, inf): the replay loss's weight beside the method's own loss (PMD's best, as lr)
 eval_interval = 20  # [1, inf): steps between evaluations (and checkpoints)
 # loss

@@ -156,11 +156,12 @@ def test_bench_with_the_models_reflection_trains_its_own_warmups_first_and_repor
         assert "warm-up: loaded" in open(tmp_path / "bench" / "runs" / f"pmd-reflect-s{s}" / "log.txt").read()
 
 
-def test_sweep_grid_crosses_every_setting_and_keeps_one_update_runs_as_they_were():
-    """One update (train.py's default) stays out of a point's name and arguments, so the sweep's earlier runs are reused."""
+def test_sweep_grid_crosses_every_setting_and_names_each_in_its_runs():
+    """Every (lr, replay weight, updates) point once; each point's settings are in its run's name and arguments."""
     grid = bench_module.sweep_grid()
     assert len(grid) == len(bench_module.SWEEP["lr"]) * len(bench_module.SWEEP["replay_weight"]) * len(bench_module.SWEEP["updates"])
-    one, four = (next(i for i, g in enumerate(grid) if g.get("updates", 1) == u and g["lr"] == 3e-4 and g["replay_weight"] == 0.1) for u in (1, 4))
+    assert len({tuple(sorted(g.items())) for g in grid}) == len(grid)
+    one, four = (next(i for i, g in enumerate(grid) if g["updates"] == u and g["lr"] == 3e-4 and g["replay_weight"] == 0.1) for u in (1, 4))
     [(n1, a1), (n4, a4)] = bench_module.sweep_jobs(grid, [("grpo", one, 101), ("grpo", four, 101)], [])
-    assert n1 == "sweep-grpo-lr0.0003-rw0.1-s101" and not any(a.startswith("--updates") for a in a1)
-    assert n4 == "sweep-grpo-lr0.0003-rw0.1-u4-s101" and a4 == a1[:3] + ["--updates=4"] + a1[3:]
+    assert n1 == "sweep-grpo-lr0.0003-rw0.1-u1-s101" and "--updates=1" in a1 and "--lr=0.0003" in a1 and "--replay_weight=0.1" in a1
+    assert n4 == "sweep-grpo-lr0.0003-rw0.1-u4-s101" and a4 == [a.replace("--updates=1", "--updates=4") for a in a1]

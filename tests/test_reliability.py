@@ -403,7 +403,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(ref, tmp_path, monkeypatc
     monkeypatch.setattr(train, "pmd_step", step)
     out = tmp_path / "out"
     with pytest.raises(ValueError) as e:
-        train.main(RUN + dirs(out, ref.cache) + ["--max_nonfinite=2"])
+        train.main(RUN + dirs(out, ref.cache) + ["--max_nonfinite=2", "--updates=1"])  # one pmd_step call per step
     msg, printed = str(e.value), capsys.readouterr().out
     assert "2 consecutive steps with a non-finite loss or gradient norm (steps 5-6)" in msg and "(step 4), is intact" in msg
     assert "warning: step 3:" in printed and "warning: step 5:" in printed and "warning: step 6:" in printed
