@@ -168,9 +168,9 @@ def mean_std(xs, f="{:.3f}"):
 
 def run_settings(args):
     """The tuned settings a run used: the last --lr=, --replay_weight= and --updates= of its arguments (a user's
-    override wins; a run without --updates took train.py's default)."""
+    override wins)."""
     last = {a[2:].split("=")[0]: float(a.split("=", 1)[1]) for a in args if a.startswith(("--lr=", "--replay_weight=", "--updates="))}
-    return dict(lr=last["lr"], replay_weight=last["replay_weight"], updates=int(last.get("updates", train.updates)))
+    return dict(lr=last["lr"], replay_weight=last["replay_weight"], updates=int(last["updates"]))
 
 
 def record(variant, seed, res):
