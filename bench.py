@@ -31,10 +31,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+import config
 import train
-from memory import Memory, mean_lag
+from config import CONFIG_KEYS, TUNED, configure, parse_args
+from memory import Memory
 from model import encode, generate
-from pmd import Clock, Rollout
+from pmd import Rollout, step
+from report import mean_lag
 from verify import OPS, Problem
 
 # the variants: train.py arguments on top of the run's own; every one starts from the same warm-up checkpoint. The
@@ -60,9 +63,6 @@ DEPENDS = {"frozen-memory": "frozen-policy"}  # a variant that starts from anoth
 WITH_MEMORY = ("frozen-policy",)  # scored by the policy reading its memory (the teacher's accuracy): it never trains
 NO_LAG = WITH_MEMORY + ("pmd-transient",)  # no internalisation lag: a policy that never trains, a memory gone every step
 METHODS = ("grpo", "sdpo", "rft", "pmd")
-# each method's settings: the best of `python bench.py --sweep` (mean over its 2 seeds); PMD's variants use PMD's
-TUNED = dict(grpo=dict(lr=3e-4, replay_weight=1.0, updates=4), sdpo=dict(lr=3e-4, replay_weight=1.0, updates=4),
-             rft=dict(lr=1e-3, replay_weight=1.0, updates=4), pmd=dict(lr=1e-3, replay_weight=1.0, updates=4))
 SWEEP = dict(lr=(1e-4, 3e-4, 1e-3), replay_weight=(0.1, 1.0), updates=(1, 4))  # the same grid for every method
 SWEEP_TASK = []  # the setting the sweep tunes at: the default
 SWEEP_SEEDS = (101, 102)
@@ -126,7 +126,7 @@ def run_all(jobs, bench_dir, workers, settings):
     """jobs: (name, train.py args). The warm-up of each of settings (lists of train.py arguments) is trained first,
     one at a time on all cores; then the runs go in parallel. Every run's arguments are checked before any work."""
     for _, args in jobs:
-        train.configure(args)
+        configure(args)
     os.makedirs(bench_dir, exist_ok=True)
     for common in settings:
         c, task, device, _, _ = train.setup(common + [f"--out_dir={tempfile.mkdtemp()}"])
@@ -356,7 +356,7 @@ def difficulty(opts, common):
     """Every method at every setting of the DIFFICULTY knob, on the benchmark's seeds; the default setting's runs are
     the benchmark's own (same arguments, same directories)."""
     knob, values = knob_values(opts["knob"])
-    default, seeds = getattr(train, knob), [int(s) for s in opts["seeds"].split(",")]
+    default, seeds = getattr(config, knob), [int(s) for s in opts["seeds"].split(",")]
     extra = lambda val: [] if val == default else [f"--{knob}={val}"]
     cells = [(m, val, s) for val in values for m in METHODS for s in seeds]
     jobs = [job(m, s, common, extra(val), "" if val == default else f"-{knob}{val}") for m, val, s in cells]
@@ -380,9 +380,9 @@ def difficulty(opts, common):
 def knob_values(spec):
     """'plan_len:1,2,3,4' -> ('plan_len', [1, 2, 3, 4]), each value checked as a train.py setting."""
     knob, _, vals = spec.partition(":")
-    if knob not in train.CONFIG_KEYS or not vals:
+    if knob not in CONFIG_KEYS or not vals:
         raise ValueError(f"knob={spec!r} is not allowed: a train.py setting and its values, like plan_len:1,2,3,4")
-    values = [vars(train.parse_args([f"--{knob}={v}"], {k: getattr(train, k) for k in train.CONFIG_KEYS}))[knob] for v in vals.split(",")]
+    values = [vars(parse_args([f"--{knob}={v}"]))[knob] for v in vals.split(",")]
     return knob, values
 
 
@@ -483,16 +483,31 @@ def speed_sampling(run, repeats):
     return dict(cache_tok_s=res[True][0], recompute_tok_s=res[False][0], speedup=res[True][0] / res[False][0])
 
 
+class Clock:
+    """Wall time per phase of a step (pmd.step calls run.clock): clock(phase) charges the time since its previous call
+    to phase. On a GPU it first waits for the queued kernels, so that each phase is charged with its own work."""
+
+    def __init__(self, times, device):
+        self.times, self.sync, self.last = times, str(device).startswith("cuda"), time.perf_counter()
+
+    def __call__(self, phase):
+        if self.sync:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.times[phase] = self.times.get(phase, 0.0) + now - self.last
+        self.last = now
+
+
 def speed_step(run, steps):
-    """Per-phase wall time of train_step, over steps steps after 2 that are not timed."""
+    """Per-phase wall time of pmd.step, over steps steps after 2 that are not timed."""
     for _ in range(2):
-        train.train_step(run, run.rng.sample(run.task.train, run.c.prompts_per_step))
+        step(run, run.rng.sample(run.task.train, run.c.prompts_per_step))
     times = {}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
+    t0, run.clock = time.perf_counter(), Clock(times, run.device)
     for _ in range(steps):
-        train.train_step(run, run.rng.sample(run.task.train, run.c.prompts_per_step), Clock(times, run.device))
+        step(run, run.rng.sample(run.task.train, run.c.prompts_per_step))
     total = (time.perf_counter() - t0) / steps
     print(f"\none training step ({run.c.method}, {run.c.prompts_per_step * run.c.group_size} rollouts + {run.c.replay} replay examples), "
           f"mean over {steps} steps: {total * 1e3:.0f} ms")
@@ -599,7 +614,7 @@ def main(argv):
         else:
             common.append(a)
     check_options(opts)
-    train.configure(common)  # a bad setting fails now; run_all checks every run's own arguments before any run starts
+    configure(common)  # a bad setting fails now; run_all checks every run's own arguments before any run starts
     if mode == "speed":
         return speed(common)
     dict(bench=bench, sweep=sweep, difficulty=difficulty)[mode](opts, common)

@@ -7,6 +7,8 @@ A small GPT (rotary positions, tied head) plus what PMD needs around it:
 - `completion_logits`: the logits a model gives to known completion tokens after a given prefix.
   The student (prefix = prompt) and the teacher (prefix = memory context + prompt) both use it.
 """
+import contextlib
+import os
 from dataclasses import dataclass
 
 import tiktoken
@@ -26,6 +28,11 @@ ENC = tiktoken.Encoding(
 VOCAB_SIZE = 256
 PAD = 0  # the NUL byte never occurs in text the task produces; used only for padding
 EOS = ord("\n")  # every completion ends with a newline; sampling stops there
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; nothing on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else contextlib.nullcontext()
 
 
 def encode(text):
@@ -49,7 +56,7 @@ class GPTConfig:
 
 
 def rotary_angles(pos, hs):
-    """pos (B, T) integer positions -> (cos, sin), each (B, 1, T, hs/2): computed once per forward, shared by every layer."""
+    """pos (B, T) integer positions -> (cos, sin), each (B, 1, T, hs/2): once per forward, shared by every layer."""
     freqs = 1.0 / (10000 ** (torch.arange(0, hs, 2, device=pos.device, dtype=torch.float32) / hs))
     ang = pos[:, None, :, None].float() * freqs
     return ang.cos(), ang.sin()
@@ -88,7 +95,8 @@ class Block(nn.Module):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
         self.attn = Attention(cfg)
-        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(), nn.Linear(4 * cfg.n_embd, cfg.n_embd))
+        C = cfg.n_embd
+        self.mlp = nn.Sequential(nn.Linear(C, 4 * C), nn.GELU(), nn.Linear(4 * C, C))
 
     def forward(self, x, rot, mask, cache):
         x = x + self.attn(self.ln1(x), rot, mask, cache)
@@ -126,6 +134,12 @@ class GPT(nn.Module):
         return x @ self.wte.weight.t()  # tied: (..., C) -> (..., V)
 
 
+def n_params(cfg):
+    """The parameter count of GPT(cfg), without building it (settings are checked before any work, and may be huge)."""
+    C = cfg.n_embd
+    return VOCAB_SIZE * C + cfg.n_layer * (12 * C * C + 13 * C) + 2 * C
+
+
 # -----------------------------------------------------------------------------
 # scoring known completions (student and teacher share this)
 
@@ -153,10 +167,15 @@ def completion_logits(model, prefixes, completions, device):
     idx = (start[:, None] + torch.arange(L, device=device)).clamp(max=h.size(1) - 1)  # (B, L)
     # the head only where a completion token is predicted: the prefix (a memory context) needs no logits
     out = model.head(h.gather(1, idx[:, :, None].expand(-1, -1, h.size(-1))))  # (B, L, V)
-    targets = torch.full((len(seqs), L), -1, dtype=torch.long)
+    return out, targets_of(completions, L, device)
+
+
+def targets_of(completions, L, device):
+    """Completion token ids as (B, L) targets, -1 (ignored) past each row's end."""
+    targets = torch.full((len(completions), L), -1, dtype=torch.long)
     for i, c in enumerate(completions):
         targets[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-    return out, targets.to(device)
+    return targets.to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -210,19 +229,17 @@ def generate(model, prompts, n_samples, max_new_tokens, temperature=1.0, generat
     """Sample n_samples completions for each prompt (a list of token-id lists).
 
     Returns (completions, logprobs): len(prompts) * n_samples token-id lists grouped by prompt, each
-    ending with EOS unless cut at max_new_tokens, and the sampler's log-probability of each token
-    (for the importance-sampling ratio). temperature 0 is greedy. With use_cache=False every step
+    ending with EOS unless cut at max_new_tokens, and each token's log-prob under the model itself, untempered (what
+    the losses' ratios compare the policy with). temperature 0 is greedy. With use_cache=False every step
     recomputes the whole sequence; under the same generator it yields the same tokens.
     """
     device = next(model.parameters()).device
-    cfg = model.cfg
     idx, valid, pos = left_pad(prompts, device)
     B, Tp = idx.shape
     T_max = Tp + max_new_tokens
-    assert T_max <= cfg.block_size, f"prompt ({Tp}) + max_new_tokens ({max_new_tokens}) exceeds block_size {cfg.block_size}"
-    dtype = next(model.parameters()).dtype
-    caches = [KVCache(B, cfg.n_head, T_max, cfg.n_embd // cfg.n_head, device, dtype) for _ in range(cfg.n_layer)] if use_cache else None
-    logits = model.head(model(idx, pos, attn_mask(valid, Tp), caches, head=False)[:, -1])  # prefill once per prompt: (B, V)
+    assert T_max <= model.cfg.block_size, f"prompt ({Tp}) + max_new_tokens ({max_new_tokens}) exceeds block_size"
+    caches = new_caches(model, B, T_max) if use_cache else None
+    logits = model.head(model(idx, pos, attn_mask(valid, Tp), caches, head=False)[:, -1])  # prefill once: (B, V)
     # replicate every row for its group
     logits, idx, valid, pos = (t.repeat_interleave(n_samples, 0) for t in (logits, idx, valid, pos))
     if use_cache:
@@ -235,8 +252,12 @@ def generate(model, prompts, n_samples, max_new_tokens, temperature=1.0, generat
     # asking whether every row is done makes the host wait for the device: on a GPU ask every 8 tokens, not every token
     check_every = 1 if device.type == "cpu" else 8
     for t in range(max_new_tokens):
-        logp = F.log_softmax(logits.float() / max(temperature, 1e-6), -1)  # (N, V)
-        tok = logits.argmax(-1) if temperature == 0 else torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+        logp = F.log_softmax(logits.float(), -1)  # (N, V)
+        if temperature == 0:
+            tok = logits.argmax(-1)
+        else:  # at temperature 1 the sampled distribution is logp's own
+            tempered = logp if temperature == 1 else F.log_softmax(logits.float() / temperature, -1)
+            tok = torch.multinomial(tempered.exp(), 1, generator=generator).squeeze(1)
         tok = torch.where(done, PAD, tok)
         out[:, t] = tok
         out_logp[:, t] = logp.gather(1, tok[:, None]).squeeze(1)
@@ -259,26 +280,66 @@ def generate(model, prompts, n_samples, max_new_tokens, temperature=1.0, generat
 @torch.no_grad()
 def completion_logits_shared(model, prefixes, completions, device):
     """completion_logits for rows whose prefixes repeat (the G rollouts of a problem share the teacher's context and
-    prompt): each distinct prefix runs once, its keys and values are cached and replicated for its rows, and only the
-    completions run per row. The same logits as completion_logits, up to float rounding; no gradient (the teacher)."""
-    cfg = model.cfg
+    prompt): each distinct prefix runs once and its cached keys and values serve its rows. The same logits as
+    completion_logits, up to float rounding; no gradient (the teacher)."""
     index = {}  # distinct prefix -> its row in the prefill
     rows = torch.tensor([index.setdefault(tuple(p), len(index)) for p in prefixes], device=device)  # (N,)
     idx, valid, pos = left_pad([list(k) for k in index], device)  # (U, Tp) each
     U, Tp = idx.shape
     L = max(len(c) for c in completions)
-    caches = [KVCache(U, cfg.n_head, Tp + L, cfg.n_embd // cfg.n_head, device, next(model.parameters()).dtype) for _ in range(cfg.n_layer)]
-    h_last = model(idx, pos, attn_mask(valid, Tp), caches, head=False)[:, -1]  # (U, C): predicts each completion's first token
+    caches = new_caches(model, U, Tp + L)
+    h_last = model(idx, pos, attn_mask(valid, Tp), caches, head=False)[:, -1]  # (U, C): predicts each first token
     for c in caches:
         c.select(rows)
     comp = pad_batch(completions, device)[:, : L - 1]  # (N, L-1): the completion tokens that predict the next ones
     if L > 1:
         comp_pos = pos[rows, -1:] + 1 + torch.arange(L - 1, device=device)  # (N, L-1)
-        comp_valid = torch.cat([valid[rows], torch.ones_like(comp, dtype=torch.bool)], 1)  # right padding: only later pads see it
+        comp_valid = torch.cat([valid[rows], torch.ones_like(comp, dtype=torch.bool)], 1)  # later pads only see pads
         h = torch.cat([h_last[rows, None], model(comp, comp_pos, attn_mask(comp_valid, L - 1), caches, head=False)], 1)
     else:
         h = h_last[rows, None]
-    targets = torch.full((len(completions), L), -1, dtype=torch.long)
-    for i, c in enumerate(completions):
-        targets[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-    return model.head(h), targets.to(device)  # (N, L, V), (N, L)
+    return model.head(h), targets_of(completions, L, device)  # (N, L, V), (N, L)
+
+
+def new_caches(model, B, T_max):
+    """One empty KVCache per layer for B rows of up to T_max tokens."""
+    cfg, p = model.cfg, next(model.parameters())
+    return [KVCache(B, cfg.n_head, T_max, cfg.n_embd // cfg.n_head, p.device, p.dtype) for _ in range(cfg.n_layer)]
+
+
+# -----------------------------------------------------------------------------
+# checkpoint files: written atomically, loaded with weights_only
+
+
+def atomic_save(obj, path, rename=True):
+    """torch.save to a temporary file, flushed to disk, then renamed over path (rename=False: the caller renames
+    the returned temporary path)."""
+    tmp = f"{path}.{os.getpid()}.tmp"  # one per process: runs that share cache_dir may write the same warm-up at once
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if rename:
+        os.replace(tmp, path)
+    return tmp
+
+
+def load_checkpoint(path, keys=("model", "config")):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint {path} not found") from None
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys):
+        why = " (or not one to resume from)" if isinstance(ckpt, dict) and "model" in ckpt else ""
+        raise ValueError(f"checkpoint {path} is not a checkpoint of this project{why}")
+    return ckpt
+
+
+def load_weights(module, state, path):
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError, KeyError) as e:
+        raise ValueError(f"checkpoint {path} does not fit this model (n_layer, n_head, n_embd must match): "
+                         f"{' '.join(str(e).split())[:200]}") from None

@@ -24,7 +24,8 @@ The task interface the loop and the memory use (replace this class to plug in yo
     task.warmup_group(rng)            problems of fresh families, never used in RL (for warm-up)
     task.solve(problem)               the reference completion
     task.attempt(problem, rng, p_right, p_lucky)  a plausible attempt, right with probability p_right, else a wrong
-                                      plan that passes this input by coincidence with probability p_lucky (for warm-up memories)
+                                      plan that passes this input by coincidence with probability p_lucky
+                                      (for warm-up memories)
 """
 import itertools
 import random
@@ -45,15 +46,15 @@ OPS = {  # ordered: n_ops takes the first n. The first six came out of a search 
     "rev": lambda s: s[::-1],
     "rol": lambda s: s[1:] + s[:1],
     "swp": lambda s: "".join(s[i : i + 2][::-1] for i in range(0, len(s), 2)),
-    "stp": lambda s: "".join(c.translate(_SHIFTS[(i + 1) % len(ALPHABET)]) for i, c in enumerate(s)),  # letter i shifted by i + 1
+    "stp": lambda s: "".join(c.translate(_SHIFTS[(i + 1) % len(ALPHABET)]) for i, c in enumerate(s)),  # i by i + 1
     "bmp": lambda s: _shift(s[:1], 1) + s[1:],  # the first letter shifted by one
-    "mev": lambda s: "".join(c.translate(_MIRROR) if i % 2 == 0 else c for i, c in enumerate(s)),  # letters 0, 2, 4 mirrored
+    "mev": lambda s: "".join(c.translate(_MIRROR) if i % 2 == 0 else c for i, c in enumerate(s)),  # 0, 2, 4 mirrored
     "ror": lambda s: s[-1:] + s[:-1],
     "inc": lambda s: _shift(s, 1),
     "mir": lambda s: s.translate(_MIRROR),
     "dec": lambda s: _shift(s, -1),
 }
-GROUPS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # an id's letter: RL families take the first n_groups; warm-up families any letter
+GROUPS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # an id's letter: RL families take the first n_groups; warm-up ones any
 DIGITS = "0123456789"
 
 
@@ -85,7 +86,7 @@ def clusters(family):
 
 
 def sizes(plan_len, input_len):
-    """(prompt, completion) lengths in characters (= tokens) at most: `A48:kdbea>` and `rol,swp,mev|dbeak|bdaek|kdleb` + newline."""
+    """(prompt, completion) lengths in characters (= tokens) at most: `A48:kdbea>`, `rol,swp|dbeak|bdaek` + newline."""
     return 3 + 1 + input_len + 1, 4 * plan_len + (input_len + 1) * plan_len + 2
 
 
@@ -95,22 +96,36 @@ def digit_values(families_per_group):
     return families_per_group + 2
 
 
-def check_settings(plan_len, n_ops, n_groups, families_per_group, input_len, n_train, n_heldout, n_unseen, answer_len):
-    """The task's settings, each and together; a ValueError naming the setting, its value and what is allowed."""
-    ranges = dict(plan_len=(plan_len, 1, 6), n_ops=(n_ops, 2, len(OPS)), n_groups=(n_groups, 1, n_ops), input_len=(input_len, 2, len(ALPHABET)),
-                  families_per_group=(families_per_group, 1, 8), n_train=(n_train, 1, None), n_heldout=(n_heldout, 1, None),
-                  n_unseen=(n_unseen, 0, 2), answer_len=(answer_len, 1, input_len))
-    for key, (v, lo, hi) in ranges.items():
-        if not (lo <= v and (hi is None or v <= hi)):
-            raise ValueError(f"{key}={v} is not allowed: [{lo}, {'inf)' if hi is None else f'{hi}]'}" + (" (at most n_ops: each letter sets its own first op)" if key == "n_groups" else
-                             " (at most input_len)" if key == "answer_len" else " (one per first digit a letter's RL families lack)" if key == "n_unseen" else ""))
+RANGES = dict(plan_len=(1, 6), n_ops=(2, 8), n_groups=(1, 10), families_per_group=(1, 8), input_len=(2, 12),
+              n_train=(1, None), n_heldout=(1, None), n_unseen=(0, 2), answer_len=(1, 12))  # each setting alone
+
+
+def span(key):
+    lo, hi = RANGES[key]
+    return f"[{lo}, {'inf)' if hi is None else f'{hi}]'}"
+
+
+def check_settings(**settings):
+    """The task's settings, each (RANGES) and together; a ValueError naming the setting, its value and what is allowed."""
+    for key, (lo, hi) in RANGES.items():
+        if not lo <= settings[key] <= (hi or settings[key]):
+            raise ValueError(f"{key}={settings[key]} is not allowed: {span(key)}")
+    n_ops, n_groups, input_len, n_train, n_heldout, answer_len = (settings[k] for k in (
+        "n_ops", "n_groups", "input_len", "n_train", "n_heldout", "answer_len"))
+    if n_groups > n_ops:
+        raise ValueError(f"n_groups={n_groups} is not allowed: [1, {n_ops}] (at most n_ops: a letter sets its own op)")
+    if answer_len > input_len:
+        raise ValueError(f"answer_len={answer_len} is not allowed: [1, {input_len}] (at most input_len)")
     if n_train + n_heldout > len(ALPHABET) ** input_len:
-        raise ValueError(f"n_train={n_train} + n_heldout={n_heldout} exceed the {len(ALPHABET) ** input_len} distinct inputs of input_len={input_len}")
+        raise ValueError(f"n_train={n_train} + n_heldout={n_heldout} exceed the {len(ALPHABET) ** input_len} distinct "
+                         f"inputs of input_len={input_len}")
 
 
 class HiddenProcedures:
-    def __init__(self, plan_len=2, n_ops=6, n_groups=3, families_per_group=4, input_len=5, n_train=32, n_heldout=8, seed=0, n_unseen=2, answer_len=2):
-        check_settings(plan_len, n_ops, n_groups, families_per_group, input_len, n_train, n_heldout, n_unseen, answer_len)
+    def __init__(self, plan_len=2, n_ops=6, n_groups=3, families_per_group=4, input_len=5, n_train=32, n_heldout=8,
+                 seed=0, n_unseen=2, answer_len=2):
+        check_settings(plan_len=plan_len, n_ops=n_ops, n_groups=n_groups, families_per_group=families_per_group,
+                       input_len=input_len, n_train=n_train, n_heldout=n_heldout, n_unseen=n_unseen, answer_len=answer_len)
         self.plan_len, self.input_len, self.answer_len = plan_len, input_len, answer_len
         self.ops = list(OPS)[:n_ops]
         self.max_completion = sizes(plan_len, input_len)[1]
@@ -127,7 +142,7 @@ class HiddenProcedures:
             probs = [self._problem(f, s) for s in self._distinct_inputs(rng, n_train + n_heldout)]
             self.train += probs[:n_train]
             self.heldout += probs[n_train:]
-        for f in (f for fs in new for f in fs[:n_unseen]):  # drawn last: the unseen families leave the RL table as it is
+        for f in (f for fs in new for f in fs[:n_unseen]):  # drawn last: the RL table is the same without them
             self.families[f] = plan(f)
             self.unseen += [self._problem(f, s) for s in self._distinct_inputs(rng, n_heldout)]
 
@@ -149,9 +164,9 @@ class HiddenProcedures:
         return rl, new
 
     def _bind(self, rng, chars, families):
-        """The hidden tables, step -> {id character: op}, drawn at random (distinct ops for a position's characters where
-        there are enough) among those that leave every family's plan unambiguous: a small backtracking search, step by
-        step, that drops a choice as soon as some family's plan so far starts no unambiguous plan."""
+        """The hidden tables, step -> {id character: op}, drawn at random (distinct ops for a position's characters
+        where there are enough) among those that leave every family's plan unambiguous: a small backtracking search,
+        step by step, that drops a choice as soon as some family's plan so far starts no unambiguous plan."""
         starts = {p[:j] for p in self.plans for j in range(1, self.plan_len + 1)}
         slots = [(i, c) for i in range(self.plan_len) for c in chars[i % 3]]
         for distinct in (True, False):
@@ -166,14 +181,16 @@ class HiddenProcedures:
                     if budget[0] < 0 or (distinct and len(chars[i % 3]) <= len(self.ops) and op in tables[i].values()):
                         continue
                     tables[i][c] = op
-                    if all(tuple(tables[j][f[j % 3]] for j in range(i + 1)) in starts for f in families if f[i % 3] == c) and fill(k + 1):
+                    mine = [f for f in families if f[i % 3] == c]
+                    if all(tuple(tables[j][f[j % 3]] for j in range(i + 1)) in starts for f in mine) and fill(k + 1):
                         return True
                     del tables[i][c]
                 return False
 
             if fill(0):
                 return tables
-        raise ValueError("no binding leaves every family's plan unambiguous: try another task_seed, more n_ops or a larger answer_len")
+        raise ValueError("no binding leaves every family's plan unambiguous: try another task_seed, more n_ops or a "
+                         "larger answer_len")
 
     def _unambiguous_plans(self, rng):
         """All plans whose answers no other plan shares (checked on random probes): a plan that passes on every input
@@ -188,7 +205,7 @@ class HiddenProcedures:
         seen = set()
         while len(seen) < n:
             seen.add("".join(rng.choice(ALPHABET) for _ in range(self.input_len)))
-        return sorted(sorted(seen), key=lambda _: rng.random())  # sorted first: a set's order varies per process (str hashing)
+        return sorted(sorted(seen), key=lambda _: rng.random())  # sorted first: a set's order varies per process
 
     def _problem(self, fam, s, plan=None):
         plan = plan or self.families[fam]
@@ -225,10 +242,10 @@ class HiddenProcedures:
     # -- warm-up ----------------------------------------------------------------------------------
 
     def warmup_group(self, rng, n_families=6, n_inputs=4):
-        """Problems of fresh families bound as RL's are (two letters, two values per digit, fresh random tables), with ids
-        that are never an RL or unseen family's: warm-up teaches every id character but no RL family's plan."""
+        """Problems of fresh families bound as RL's are (two letters, two values per digit, fresh random tables), with
+        ids that are never an RL or unseen family's: warm-up teaches every id character but no RL family's plan."""
         chars = (rng.sample(GROUPS, 2), rng.sample(DIGITS, 2), rng.sample(DIGITS, 2))
-        tables = [dict(zip(chars[i % 3], rng.sample(self.ops, 2))) for i in range(self.plan_len)]  # distinct ops per position, as RL's
+        tables = [dict(zip(chars[i % 3], rng.sample(self.ops, 2))) for i in range(self.plan_len)]  # distinct, as RL's
         ids = [g + a + b for g in chars[0] for a in chars[1] for b in chars[2] if g + a + b not in self.families]
         probs = []
         for f in rng.sample(ids, min(n_families, len(ids))):
@@ -240,12 +257,14 @@ class HiddenProcedures:
         return problem.solution
 
     def attempt(self, problem, rng, p_right=0.4, p_lucky=0.0, p_slip=0.1):
-        """A plausible attempt: the right plan; else, with probability p_lucky, a wrong plan that gives the right answer
-        on this input by coincidence (if a few draws find one); else a random plan. Executed faithfully or with one slip."""
+        """A plausible attempt: the right plan; else, with probability p_lucky, a wrong plan that gives the right
+        answer on this input by coincidence (if a few draws find one); else a random plan. Executed faithfully or with
+        one slip."""
         right, s = tuple(problem.solution.split("|")[0].split(",")), problem.prompt.split(":", 1)[1][:-1]
         plan = right
         if rng.random() > p_right:
-            draws = [tuple(rng.choice(self.ops) for _ in range(self.plan_len)) for _ in range(64 if rng.random() < p_lucky else 1)]
+            n = 64 if rng.random() < p_lucky else 1
+            draws = [tuple(rng.choice(self.ops) for _ in range(self.plan_len)) for _ in range(n)]
             want = run_plan(right, s)[-1][: self.answer_len]
             plan = next((q for q in draws if q != right and run_plan(q, s)[-1][: self.answer_len] == want), draws[-1])
         steps = run_plan(plan, s)

@@ -51,3 +51,28 @@ def quiet(fn, *args, **kwargs):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
         result = fn(*args, **kwargs)
     return result, out.getvalue()
+
+
+def tiny_run(task, memory=None, seed=0, **settings):
+    """What pmd.step reads from a run (train.start builds the real one), for a tiny untrained model on task.
+    settings override the defaults below (replay off, the memory written every step, one update)."""
+    import random
+    from types import SimpleNamespace
+
+    from memory import Memory
+    from model import GPT, GPTConfig
+    from pmd import make_teacher
+
+    c = dict(group_size=2, prompts_per_step=2, temperature=1.0, method="pmd", memory_levels="experience,insight,pattern",
+             pg_weight=0.0, adv_std=False, alpha=0.0, topk=0, sampled_token=False, is_clip=0.0, transient=False,
+             policy_frozen=False, reflect="count", updates=1, memory_steps=-1, replay=0, replay_weight=1.0, lr=1e-3,
+             lr_warmup=0, grad_clip=1.0, teacher="ema", ema_rate=0.05)
+    c = SimpleNamespace(**{**c, **settings})
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=256, n_layer=1, n_head=2, n_embd=16))
+    return SimpleNamespace(c=c, task=task, device="cpu", rank=0, world=1, model=model, student=model,
+                           teacher=make_teacher(model, c.teacher), memory=Memory() if memory is None else memory,
+                           step=0, rollouts=0, levels=[lvl for lvl in c.memory_levels.split(",") if lvl],
+                           mem_settings={}, clock=lambda phase: None, rng=random.Random(seed),
+                           opt=torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.0),
+                           gen=torch.Generator().manual_seed(seed))

@@ -7,7 +7,9 @@ import random
 import pytest
 import torch
 
+import config
 import train
+import warmup
 from addition_task import AdditionTask, scratchpad
 from conftest import GS, PPS, STEPS, TINY, quiet
 from memory import Memory
@@ -16,7 +18,7 @@ from verify import Problem
 
 TASK = AdditionTask()
 METHODS = ("grpo", "sdpo", "pmd")
-DEFAULTS = {k: getattr(train, k) for k in train.CONFIG_KEYS}
+DEFAULTS = {k: getattr(config, k) for k in config.CONFIG_KEYS}
 
 
 def test_interface_matches_the_builtin_task():
@@ -138,7 +140,7 @@ def test_loop_needs_only_the_documented_interface(tmp_path):
 
 def test_warmup_cache_distinguishes_task_settings(tmp_path):
     """Two tasks of the same class but different problems (2-digit vs 4-digit) get different warm-up checkpoints."""
-    c = train.parse_args(TINY + ["--warmup_steps=1", f"--cache_dir={tmp_path}"], DEFAULTS)
+    c = config.parse_args(TINY + ["--warmup_steps=1", f"--cache_dir={tmp_path}"])
     for digits in ((2,), (4,)):
-        quiet(train.warmup, c, AdditionTask(digits=digits, n_train=4, n_heldout=2), "cpu")
+        quiet(warmup.warmup, c, AdditionTask(digits=digits, n_train=4, n_heldout=2), "cpu")
     assert len(glob.glob(str(tmp_path / "warmup-*.pt"))) == 2

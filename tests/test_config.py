@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 import bench
+import config
 import train
 from addition_task import AdditionTask
 from conftest import REPO, subprocess_env
@@ -40,7 +41,7 @@ def outcome(argv, task=None):
     raise AssertionError(f"{argv}: returned without reaching the warm-up")
 
 
-@pytest.mark.parametrize("key", train.CONFIG_KEYS)
+@pytest.mark.parametrize("key", config.CONFIG_KEYS)
 def test_every_key_with_bad_values_is_valid_or_one_line_naming_it(guarded, tmp_path, key):
     for val in BAD:
         out = tmp_path / f"out-{val}"
@@ -73,10 +74,10 @@ def test_the_error_says_what_is_allowed(guarded, argv, words):
 
 def test_every_comment_states_what_is_allowed():
     """Every setting but the booleans and the paths has a parsed range or set (the check reads the comment)."""
-    specs = train.allowed_values()
-    assert set(specs) == set(train.CONFIG_KEYS)
+    specs = config.allowed_values()
+    assert set(specs) == set(config.CONFIG_KEYS)
     free = {k for k, v in specs.items() if v is None}
-    assert free == {k for k in train.CONFIG_KEYS if isinstance(getattr(train, k), bool)} | {"out_dir", "cache_dir", "memory_init"}, free
+    assert free == {k for k in config.CONFIG_KEYS if isinstance(getattr(config, k), bool)} | {"out_dir", "cache_dir", "memory_init"}, free
 
 
 def test_pointless_settings_warn_in_one_line(guarded, capsys):
@@ -93,10 +94,10 @@ def test_pointless_settings_warn_in_one_line(guarded, capsys):
 
 def without(task, member):
     """The task's interface without one member."""
-    return SimpleNamespace(**{m: getattr(task, m) for m in train.TASK_INTERFACE if m != member})
+    return SimpleNamespace(**{m: getattr(task, m) for m in config.TASK_INTERFACE if m != member})
 
 
-@pytest.mark.parametrize("member", train.TASK_INTERFACE)
+@pytest.mark.parametrize("member", config.TASK_INTERFACE)
 def test_a_task_missing_any_interface_member_is_named(guarded, member):
     msg = outcome(["--out_dir=o"], task=without(AdditionTask(), member))
     assert msg.startswith("task SimpleNamespace lacks ") and member in msg and "\n" not in msg and not os.path.exists("o")

@@ -13,6 +13,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import config  # noqa: E402
 import train  # noqa: E402
 from memory import Memory  # noqa: E402
 
@@ -25,10 +26,13 @@ import os, sys
 sys.path.insert(0, {REPO!r})
 import train
 if os.environ["RANK"] == "1":
-    real = train.pmd_step
-    def step(*a, gather=None, **k):
-        return real(*a, gather=lambda rolls: gather(rolls)[::-1], **k)
-    train.pmd_step = step
+    real = train.start
+    def start(*a, **k):
+        run = real(*a, **k)
+        gather = run.gather
+        run.gather = lambda rolls: gather(rolls)[::-1]
+        return run
+    train.start = start
 try:
     train.main(sys.argv[1:])
 except ValueError as e:
@@ -68,7 +72,7 @@ def test_two_ranks_agree_at_every_checkpoint(run3):
     printed = dict(kv.split() for kv in agree[-1].rsplit(": ", 1)[1].split(", "))
     assert hashlib.sha1(json.dumps(mem.state()).encode()).hexdigest()[:12] == printed["memory"]
     # the memory holds both ranks' rollouts: step 1's problems are the first draw of the shared problem RNG
-    c = train.parse_args(ARGS, {k: getattr(train, k) for k in train.CONFIG_KEYS})
+    c = config.parse_args(ARGS)
     first = random.Random(c.seed).sample(train.make_task(c).train, c.prompts_per_step)  # rank 0 takes [0], rank 1 [1]
     pids = {e["pid"] for es in mem.experience.values() for e in es}
     assert mem.step == 3 and {q.pid for q in first} <= pids

@@ -1,5 +1,5 @@
 """memory.Memory: experiences, reflection into insights, consolidation into patterns, the budgeted render,
-JSON save / load, and `python memory.py FILE`."""
+JSON save / load, and `python report.py FILE`."""
 import json
 import os
 import subprocess
@@ -370,11 +370,11 @@ def test_load_missing_file_or_directory_raises_value_error(tmp_path):
 
 
 def _cli(path):
-    return subprocess.run([sys.executable, "memory.py", path], cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
+    return subprocess.run([sys.executable, "report.py", path], cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
 
 
 def test_cli_prints_the_three_levels(tmp_path):
-    """`python memory.py FILE` describes each cluster's patterns, then each family's strategies, lessons and traces."""
+    """`python report.py FILE` describes each cluster's patterns, then each family's strategies, lessons and traces."""
     path = str(tmp_path / "memory.json")
     rich_memory().save(path)
     r = _cli(path)

@@ -10,7 +10,8 @@ import train
 from conftest import TINY, problem, quiet, rollout
 from memory import Memory, counted, fidelity, parse_reflection, reflection_prompts, written
 from model import GPT, GPTConfig
-from pmd import reflection, reflection_example, warmup_example
+from pmd import reflection
+from warmup import reflection_example, warmup_example
 from verify import HiddenProcedures
 
 

@@ -17,6 +17,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import memory as memory_mod  # noqa: E402
+import model  # noqa: E402
+import pmd  # noqa: E402
 import train  # noqa: E402
 from memory import LEVELS, Memory  # noqa: E402
 from model import decode  # noqa: E402
@@ -34,11 +36,11 @@ sys.path.insert(0, {REPO!r})
 import torch, train
 mode = os.environ["PMD_TEST_MODE"]
 if mode == "slow":  # a quarter second per step, so that a SIGKILL from outside lands mid-run
-    step = train.pmd_step
+    step = train.step
     def slow(*a, **k):
         time.sleep(0.25)
         return step(*a, **k)
-    train.pmd_step = slow
+    train.step = slow
 if mode == "kill_mid_save":  # SIGKILL half-way through writing step 4's checkpoint
     save = torch.save
     def dying(obj, f, *a, **k):
@@ -162,7 +164,7 @@ class Died(Exception):
 
 def test_interrupted_saves_leave_previous_files_loadable(tmp_path, monkeypatch):
     ckpt, mem_path = str(tmp_path / "ckpt.pt"), str(tmp_path / "memory.json")
-    train.atomic_save(dict(model={"w": torch.ones(3)}, config={}, step=1), ckpt)
+    model.atomic_save(dict(model={"w": torch.ones(3)}, config={}, step=1), ckpt)
     mem = Memory()
     mem.step = 1
     mem.save(mem_path)
@@ -181,16 +183,16 @@ def test_interrupted_saves_leave_previous_files_loadable(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", dying_torch_save)
     monkeypatch.setattr(memory_mod.json, "dump", dying_json_dump)
     with pytest.raises(Died):
-        train.atomic_save(dict(model={"w": torch.zeros(3)}, config={}, step=2), ckpt)
+        model.atomic_save(dict(model={"w": torch.zeros(3)}, config={}, step=2), ckpt)
     mem.step = 2
     with pytest.raises(Died):
         mem.save(mem_path)
     monkeypatch.undo()
-    loaded = train.load_checkpoint(ckpt)  # weights_only=True inside
+    loaded = model.load_checkpoint(ckpt)  # weights_only=True inside
     assert loaded["step"] == 1 and torch.equal(loaded["model"]["w"], torch.ones(3))
     assert Memory.load(mem_path).step == 1
-    train.atomic_save(dict(model={"w": torch.zeros(3)}, config={}, step=3), ckpt)  # the next save goes through
-    assert train.load_checkpoint(ckpt)["step"] == 3
+    model.atomic_save(dict(model={"w": torch.zeros(3)}, config={}, step=3), ckpt)  # the next save goes through
+    assert model.load_checkpoint(ckpt)["step"] == 3
 
 
 def test_checkpoints_load_with_weights_only(ref):
@@ -230,8 +232,8 @@ ERROR_CASES = {  # id: (setup(ref, d) or None, extra argv or ("memory.py", file)
     "resume_foreign_ckpt_dict": (lambda r, d: (d.mkdir(), torch.save({"weights": torch.zeros(3)}, d / "ckpt.pt")), ["--init_from=resume"], "not a checkpoint of this project"),
     "resume_truncated_memory": (lambda r, d: (_copy_run(r, d), _truncate(d / "memory.json")), ["--init_from=resume"], "memory.json is corrupt"),
     "resume_malformed_memory": (lambda r, d: (_copy_run(r, d), _write(d / "memory.json", '{"settings": {"budget": 1}, "step": "six"}')), ["--init_from=resume"], "memory.json is corrupt"),
-    "memory_py_truncated": (lambda r, d: (_copy_run(r, d), _truncate(d / "memory.json")), ("memory.py", "memory.json"), "is corrupt or not a memory file"),
-    "memory_py_malformed": (lambda r, d: (d.mkdir(), _write(d / "memory.json", "[1, 2, 3]")), ("memory.py", "memory.json"), "is corrupt or not a memory file"),
+    "memory_py_truncated": (lambda r, d: (_copy_run(r, d), _truncate(d / "memory.json")), ("report.py", "memory.json"), "is corrupt or not a memory file"),
+    "memory_py_malformed": (lambda r, d: (d.mkdir(), _write(d / "memory.json", "[1, 2, 3]")), ("report.py", "memory.json"), "is corrupt or not a memory file"),
     "out_dir_not_writable": (lambda r, d: (d.mkdir(), _write(d / "file", "")), ["--out_dir={d}/file/out"], "is not writable"),
 }
 
@@ -392,18 +394,19 @@ class NanGrad(torch.autograd.Function):
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(ref, tmp_path, monkeypatch, capsys):
-    real, seen = train.pmd_step, []  # seen[k]: (student, teacher) weights before step k + 1
+    real, seen = pmd.losses, []  # seen[k]: (student, teacher) weights before step k + 1
 
-    def step(model, teacher, *a, **k):
-        seen.append(([p.detach().clone() for p in model.parameters()], [p.detach().clone() for p in teacher.parameters()]))
-        loss, stats = real(model, teacher, *a, **k)
+    def losses(run, *a, **k):
+        seen.append(([p.detach().clone() for p in run.model.parameters()],
+                     [p.detach().clone() for p in run.teacher.parameters()]))
+        loss, stats = real(run, *a, **k)
         n = len(seen)
         return (loss * float("nan") if n in (3, 6) else NanGrad.apply(loss) if n == 5 else loss), stats
 
-    monkeypatch.setattr(train, "pmd_step", step)
+    monkeypatch.setattr(pmd, "losses", losses)
     out = tmp_path / "out"
     with pytest.raises(ValueError) as e:
-        train.main(RUN + dirs(out, ref.cache) + ["--max_nonfinite=2", "--updates=1"])  # one pmd_step call per step
+        train.main(RUN + dirs(out, ref.cache) + ["--max_nonfinite=2", "--updates=1"])  # one losses call per step
     msg, printed = str(e.value), capsys.readouterr().out
     assert "2 consecutive steps with a non-finite loss or gradient norm (steps 5-6)" in msg and "(step 4), is intact" in msg
     assert "warning: step 3:" in printed and "warning: step 5:" in printed and "warning: step 6:" in printed
@@ -414,7 +417,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(ref, tmp_path, monkeypatc
         assert same(seen[2][who], seen[3][who])  # step 3 (NaN loss) skipped
         assert not same(seen[3][who], seen[4][who])  # step 4 updated
         assert same(seen[4][who], seen[5][who])  # step 5 (NaN gradient) skipped
-    ckpt = train.load_checkpoint(str(out / "ckpt.pt"), train.RESUME_KEYS)  # the last good checkpoint
+    ckpt = model.load_checkpoint(str(out / "ckpt.pt"), train.RESUME_KEYS)  # the last good checkpoint
     assert ckpt["step"] == 4 and same(list(ckpt["model"].values()), seen[4][0])
     assert all(s["step"] == 3 for s in ckpt["optimizer"]["state"].values())  # optimizer stepped on 1, 2 and 4 only
     assert Memory.load(str(out / "memory.json")).step == ckpt["memory_step"] == 4

@@ -1,58 +1,52 @@
-"""pmd.step: one rollout -> memory -> teacher -> loss step on a tiny model, for the cases the loop relies on."""
-from types import SimpleNamespace
-
+"""pmd.step: rollout -> verify -> memory -> teacher -> losses -> optimizer on a tiny model, for the cases the loop
+relies on."""
 import pytest
 import torch
 
-from memory import Memory
 import pmd
-from model import GPT, GPTConfig, encode
-from pmd import Clock, Rollout, make_teacher, step
+from bench import Clock
+from conftest import tiny_run
+from memory import Memory
+from model import encode
+from pmd import Rollout, step
 from verify import HiddenProcedures
 
 TASK = HiddenProcedures(n_groups=1, families_per_group=2, n_train=2, n_heldout=1)
 PROBLEMS = TASK.train[:2]
 
 
-def cfg(**kw):
-    base = dict(group_size=2, temperature=1.0, method="pmd", memory_levels="experience,insight,pattern",
-                pg_weight=0.0, adv_std=False, alpha=0.0, topk=0, sampled_token=False, is_clip=0.0, transient=False, policy_frozen=False, reflect="count", updates=1)
-    return SimpleNamespace(**{**base, **kw})
+def known():
+    """A memory of every training problem's reference trace."""
+    mem = Memory()
+    mem.update([Rollout(p, TASK.solve(p), [], [], 1, "ok", TASK.strategy(p, TASK.solve(p))) for p in TASK.train])
+    return mem
 
 
-def tiny():
-    torch.manual_seed(0)
-    return GPT(GPTConfig(block_size=256, n_layer=1, n_head=2, n_embd=16))
-
-
-def run(c, memory, **kw):
-    model = tiny()
-    loss, stats = step(model, make_teacher(model, "ema"), TASK, memory, PROBLEMS, c, torch.Generator().manual_seed(0), "cpu", **kw)
-    loss.backward()
-    return model, loss, stats
+def run(memory, **settings):
+    r = tiny_run(TASK, memory, **settings)
+    loss, norm, stats, finite = step(r, PROBLEMS)
+    return r, loss, stats
 
 
 def test_all_masked_step_still_backpropagates():
     """With nothing for the teacher to read, the loss is zero but still a graph: backward works, gradients are zero."""
-    model, loss, stats = run(cfg(), Memory(), update_memory=False)
+    r, loss, stats = run(Memory(), memory_steps=0)
     assert loss.item() == 0 and stats["teacher_frac"] == 0
-    assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.parameters())
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in r.model.parameters())
 
 
 def test_pmd_step_distils_towards_a_teacher_with_memory():
     """With a memory of the problems' reference traces, every rollout has a context and the loss has a gradient."""
-    mem = Memory()
-    mem.update([Rollout(p, TASK.solve(p), [], [], 1, "ok", TASK.strategy(p, TASK.solve(p))) for p in TASK.train])
-    model, loss, stats = run(cfg(), mem, update_memory=False)
+    r, loss, stats = run(known(), memory_steps=0)
     assert stats["teacher_frac"] == 1 and loss.item() > 0 and stats["distill"] == pytest.approx(loss.item(), rel=1e-5)
-    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.parameters())
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in r.model.parameters())
 
 
 @pytest.mark.parametrize("method", ["grpo", "sdpo", "pmd"])
 def test_step_updates_the_memory_for_every_method(method):
     """Every method feeds its rollouts to the memory (one update, G experiences or fewer per problem)."""
     mem = Memory()
-    _, loss, stats = run(cfg(method=method), mem)
+    _, loss, stats = run(mem, method=method)
     assert mem.step == 1 and 1 <= sum(map(len, mem.experience.values())) <= 2 * len(PROBLEMS)
     assert torch.isfinite(loss) and 0 <= stats["reward"] <= 1
 
@@ -62,44 +56,53 @@ def test_transient_memory_holds_the_current_batch_only():
     mem = Memory()
     other = HiddenProcedures(n_groups=2, families_per_group=2, n_train=2, n_heldout=1, seed=5).train[-1]
     mem.update([Rollout(other, other.solution, [], [], 1, "ok", None)])
-    run(cfg(transient=True), mem)
+    run(mem, transient=True)
     assert set(mem.groups) == {p.family for p in PROBLEMS} and mem.step == 2
     assert sum(map(len, mem.experience.values())) <= 2 * len(PROBLEMS)
 
 
 def test_a_frozen_policy_only_feeds_the_memory():
-    """The paper's frozen policy: no loss at all, and the memory still gets the step's rollouts."""
-    mem, model = Memory(), tiny()
-    loss, stats = step(model, model, TASK, mem, PROBLEMS, cfg(policy_frozen=True), torch.Generator().manual_seed(0), "cpu")
-    assert loss is None and 0 <= stats["reward"] <= 1 and mem.step == 1 and set(mem.groups) == {p.family for p in PROBLEMS}
+    """The paper's frozen policy: its weights and the optimizer never move, and the memory still gets the rollouts."""
+    mem = Memory()
+    r = tiny_run(TASK, mem, policy_frozen=True)
+    before = [p.detach().clone() for p in r.model.parameters()]
+    loss, _, stats, finite = step(r, PROBLEMS)
+    assert loss.item() == 0 and finite and 0 <= stats["reward"] <= 1 and r.opt.state_dict()["state"] == {}
+    assert all(torch.equal(a, b) for a, b in zip(before, r.model.parameters()))
+    assert mem.step == 1 and set(mem.groups) == {p.family for p in PROBLEMS}
 
 
 def test_a_masked_rollout_longer_than_every_kept_one(monkeypatch):
     """Only the problem the memory knows gets a context; the other problem's longer rollouts are masked out."""
-    known = TASK.train[0]
-    unknown = next(p for p in TASK.train if p.family != known.family)
-    short, long = TASK.solve(known), TASK.solve(unknown) + "zzzz"
-    rolls = [Rollout(p, y, encode(y), [-1.0] * len(encode(y)), 0, "wrong", None) for p, y in ((known, short), (known, short), (unknown, long), (unknown, long))]
+    first = TASK.train[0]
+    unknown = next(p for p in TASK.train if p.family != first.family)
+    short, long = TASK.solve(first), TASK.solve(unknown) + "zzzz"
+    rolls = [Rollout(p, y, encode(y), [-1.0] * len(encode(y)), 0, "wrong", None)
+             for p, y in ((first, short), (first, short), (unknown, long), (unknown, long))]
     monkeypatch.setattr(pmd, "rollout", lambda *a, **k: rolls)
     monkeypatch.setattr(pmd, "teacher_contexts", lambda *a: [mem.render(r.problem) or None for r in rolls])
     mem = Memory()
-    mem.update([Rollout(known, short, [], [], 1, "ok", TASK.strategy(known, short))])
-    model, loss, stats = run(cfg(), mem, update_memory=False)
+    mem.update([Rollout(first, short, [], [], 1, "ok", TASK.strategy(first, short))])
+    _, loss, stats = run(mem, memory_steps=0)
     assert stats["teacher_frac"] == 0.5 and torch.isfinite(loss) and loss.item() > 0
 
 
 def test_clock_charges_every_phase_of_a_step():
-    """After the memory update the teacher has contexts to read, so every phase of pmd.step takes time."""
+    """After the memory update the teacher has contexts to read, so every phase of pmd.step reaches the clock."""
     times = {}
-    run(cfg(), Memory(), clock=Clock(times))
-    assert set(times) == {"rollout", "verify", "memory", "student", "teacher"} and all(t > 0 for t in times.values())
+    r = tiny_run(TASK)
+    r.clock = Clock(times, "cpu")
+    step(r, PROBLEMS)
+    assert set(times) == {"rollout", "verify", "memory", "student", "teacher", "optimizer"}
 
 
 def test_reflect_model_writes_the_verdicts_in_a_phase_of_its_own():
-    """reflect=model: the teacher's weights write the step's verdicts (counted against the rule in the stats)."""
+    """reflect=model: the teacher's weights write the step's verdicts, in a phase of their own, counted in the stats."""
     times = {}
-    _, _, stats = run(cfg(reflect="model"), Memory(), clock=Clock(times))
-    assert "reflect" in times and times["reflect"] > 0
+    r = tiny_run(TASK, reflect="model")
+    r.clock = Clock(times, "cpu")
+    _, _, stats, _ = step(r, PROBLEMS)
+    assert "reflect" in times
     assert stats["reflect_written"] == stats["reflect_agree"] + stats["reflect_flipped"] + stats["reflect_invented"]
 
 
@@ -117,26 +120,26 @@ def test_memory_successes_are_the_families_passing_trajectories():
 def test_rft_step_imitates_the_memory_successes():
     """method rft: no teacher; with successes in the memory the loss is their cross-entropy (> 0, with a gradient),
     without any it is zero."""
-    _, loss, stats = run(cfg(method="rft"), Memory(), update_memory=False)
+    _, loss, stats = run(Memory(), method="rft", memory_steps=0)
     assert loss.item() == 0 and stats["imitated"] == 0 and "teacher_frac" not in stats
-    mem = Memory()
-    mem.update([Rollout(p, TASK.solve(p), [], [], 1, "ok", None) for p in TASK.train])
-    model, loss, stats = run(cfg(method="rft"), mem, update_memory=False)
+    r, loss, stats = run(known(), method="rft", memory_steps=0)
     assert stats["imitated"] == sum(p.family in {q.family for q in PROBLEMS} for p in TASK.train) and loss.item() > 0
-    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.parameters())
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in r.model.parameters())
 
 
 def test_several_updates_make_grpo_weigh_its_ratio_to_the_sampler():
     """updates > 1: GRPO's loss is PPO's clipped surrogate on the ratio to the sampler. With every sampler log-prob
     lowered by 1 the ratio is e: a positive advantage counts 1.2 times (clipped), a negative one e times."""
-    model = tiny()
-    rolls = pmd.rollout(model, TASK, PROBLEMS, 2, 1.0, torch.Generator().manual_seed(0))
-    for i, r in enumerate(rolls):
-        r.reward, r.logp_old = int(i % 2 == 0), [lp - 1.0 for lp in r.logp_old]  # one pass per group: every advantage is nonzero
-    losses = {n: step(model, model, TASK, Memory(), PROBLEMS, cfg(method="grpo", updates=n), None, "cpu", update_memory=False,
-                      rolls=rolls)[0].item() for n in (1, 2)}
-    adv = pmd.grpo_advantages(torch.tensor([float(r.reward) for r in rolls]), 2)
-    lengths = torch.tensor([float(len(r.tokens)) for r in rolls])
+    r = tiny_run(TASK, method="grpo")
+    rolls = pmd.verify(TASK, pmd.rollout(r.model, TASK, PROBLEMS, 2, 1.0, torch.Generator().manual_seed(0)))
+    for i, x in enumerate(rolls):  # one pass per group: every advantage is nonzero
+        x.reward, x.logp_old = int(i % 2 == 0), [lp - 1.0 for lp in x.logp_old]
+    losses = {}
+    for n in (1, 2):
+        r.c.updates = n
+        losses[n] = pmd.losses(r, rolls, [None] * len(rolls), PROBLEMS)[0].item()
+    adv = pmd.grpo_advantages(torch.tensor([float(x.reward) for x in rolls]), 2)
+    lengths = torch.tensor([float(len(x.tokens)) for x in rolls])
     weight = torch.where(adv > 0, torch.tensor(1.2), torch.tensor(1.0).exp())
     assert losses[2] == pytest.approx(-(weight * adv * lengths).sum().item() / lengths.sum().item(), abs=1e-3)
     assert abs(losses[1] - losses[2]) > 0.1  # one update: advantage x log-prob, no ratio

@@ -6,7 +6,8 @@ import torch
 from conftest import problem, rollout
 from memory import Memory, experience_line
 from model import GPT, GPTConfig
-from pmd import ema_update, make_teacher, plain_pool, teacher_contexts, warmup_example
+from pmd import ema_update, make_teacher, teacher_contexts
+from warmup import plain_pool, warmup_example
 from verify import HiddenProcedures
 
 G = 3

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-import memory
+import report
+import config
 import train
 from conftest import REPO, TINY, problem, quiet, rollout, subprocess_env
 from memory import Memory
@@ -15,7 +16,7 @@ from memory import Memory
 
 def evaluation(step, mem_family, student, teacher, unseen_student=0.0):
     """One metrics.jsonl line as train.evaluate writes it, for families A1, A2 (RL) and A9 (unseen)."""
-    counts = {k: step for k in memory.GROWTH}
+    counts = {k: step for k in report.GROWTH}
     return dict(step=step, heldout_acc=0.0, teacher_acc=0.0, memory_family=mem_family, **counts,
                 family_acc=dict(heldout=student, unseen={"A9": unseen_student}), teacher_family_acc=dict(heldout=teacher, unseen={"A9": 0.0}))
 
@@ -42,15 +43,15 @@ def write_run(d, recs=RECS, mem=True, tail=""):
 
 
 def test_timeline_on_hand_made_metrics():
-    tl = memory.timeline(RECS)
+    tl = report.timeline(RECS)
     assert tl["A1"] == dict(set="heldout", memory_right=20, memory_wrong=10, teacher=20, student=60, lag=40)
     assert tl["A2"] == dict(set="heldout", memory_right=40, memory_wrong=None, teacher=40, student=None, lag=None)
     assert tl["A9"]["set"] == "unseen" and tl["A9"]["student"] == 60 and tl["A9"]["memory_right"] is None
-    assert memory.mean_lag(RECS) == (40.0, 1)
+    assert report.mean_lag(RECS) == (40.0, 1)
 
 
 def test_describe_run_prints_growth_timeline_and_unseen_patterns(tmp_path):
-    text = memory.describe_run(write_run(tmp_path / "run"))
+    text = report.describe_run(write_run(tmp_path / "run"))
     assert text.startswith("memory at step 1")  # today's view of the final memory comes first
     growth = text.split("memory growth")[1].split("per-family timeline")[0].splitlines()
     assert [int(l.split()[0]) for l in growth if l.strip() and l.split()[0].isdigit()] == [r["step"] for r in RECS]
@@ -66,9 +67,9 @@ def test_describe_run_prints_growth_timeline_and_unseen_patterns(tmp_path):
 ])
 def test_damaged_or_old_runs_give_a_partial_report(tmp_path, damage, note):
     d = write_run(tmp_path / "run", **damage)
-    text = memory.describe_run(d)
+    text = report.describe_run(d)
     assert note in text
-    p = subprocess.run([sys.executable, os.path.join(REPO, "memory.py"), str(d)], capture_output=True, text=True, env=subprocess_env(), timeout=60)
+    p = subprocess.run([sys.executable, os.path.join(REPO, "report.py"), str(d)], capture_output=True, text=True, env=subprocess_env(), timeout=60)
     assert p.returncode == 0 and note in p.stdout and "Traceback" not in p.stderr
 
 
@@ -82,7 +83,7 @@ def test_damaged_or_old_runs_give_a_partial_report(tmp_path, damage, note):
 def test_cli_errors_are_one_line(tmp_path, setup, args, words):
     d = tmp_path / "run"
     setup(d)
-    p = subprocess.run([sys.executable, os.path.join(REPO, "memory.py"), str(d), *args], capture_output=True, text=True, env=subprocess_env(), timeout=60)
+    p = subprocess.run([sys.executable, os.path.join(REPO, "report.py"), str(d), *args], capture_output=True, text=True, env=subprocess_env(), timeout=60)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], p.stderr
 
@@ -105,9 +106,9 @@ def tiny_run(tmp_path_factory):
 
 def test_a_real_run_logs_growth_and_per_family_accuracy(tiny_run):
     recs = [json.loads(l) for l in open(tiny_run / "metrics.jsonl")]
-    task = train.make_task(train.parse_args(TINY, {k: getattr(train, k) for k in train.CONFIG_KEYS}))
+    task = train.make_task(config.parse_args(TINY))
     for r in recs:
-        assert set(memory.GROWTH) | {"memory_family"} <= set(r)
+        assert set(report.GROWTH) | {"memory_family"} <= set(r)
         for name, key in (("heldout", "heldout_acc"), ("unseen", "unseen_acc")):
             fams = r["family_acc"][name]
             assert set(fams) == {p.family for p in getattr(task, name)} and set(r["teacher_family_acc"][name]) == set(fams)
@@ -117,7 +118,7 @@ def test_a_real_run_logs_growth_and_per_family_accuracy(tiny_run):
 
 
 def test_one_family_up_close(tiny_run):
-    text = memory.up_close(str(tiny_run), "A26")
+    text = report.up_close(str(tiny_run), "A26")
     lines = text.splitlines()
     assert lines[0].startswith("family A26 at step 3, problem A26:") and "memory lines the teacher reads" in text
     assert any(l.startswith("teacher (with memory)") or l.startswith("teacher (no memory)") for l in lines)
@@ -125,10 +126,10 @@ def test_one_family_up_close(tiny_run):
     explored = lines[-1].split("strategies ")[1].split(", ")  # the 16 samples' strategies, tallied
     assert lines[-1].startswith("student, 16 samples at temperature 1:") and sum(int(x.rsplit(" x", 1)[1]) for x in explored) == 16
     with pytest.raises(ValueError, match="family 'Z99' is not in this run's task"):
-        memory.up_close(str(tiny_run), "Z99")
+        report.up_close(str(tiny_run), "Z99")
 
 
 def test_plot_writes_a_png(tiny_run):
     pytest.importorskip("matplotlib")
-    path = memory.plot_run(str(tiny_run), str(tiny_run / "memory.png"))
+    path = report.plot_run(str(tiny_run), str(tiny_run / "memory.png"))
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -10,13 +10,14 @@ import sys
 import pytest
 import torch
 
+import config
 import train
 from conftest import GS, PPS, REPO, STEPS, TINY, quiet, subprocess_env
 from memory import Memory
 from model import GPT, GPTConfig
 
 METHODS = ("grpo", "sdpo", "pmd")
-DEFAULTS = {k: getattr(train, k) for k in train.CONFIG_KEYS}
+DEFAULTS = {k: getattr(config, k) for k in config.CONFIG_KEYS}
 
 
 def digest(path):
@@ -119,7 +120,7 @@ def test_cli_config_errors_are_one_line(tmp_path):
 def test_bad_settings_raise_value_error(arg):
     """parse_args refuses wrongly typed, unknown-choice and out-of-range values with a ValueError naming the key."""
     with pytest.raises(ValueError, match=arg.lstrip("-").split("=")[0]):
-        train.parse_args([arg], DEFAULTS)
+        config.parse_args([arg])
 
 
 @pytest.mark.parametrize("arg", ["--topk=-1", "--topk=257", "--is_clip=-1", "--temperature=-0.5", "--ema_rate=1.5"])
@@ -129,12 +130,12 @@ def test_out_of_range_settings_are_refused(arg):
     # temperature < 0 samples the least likely tokens; ema_rate outside [0, 1] extrapolates the teacher
     key = arg[2:].split("=")[0]
     with pytest.raises(ValueError, match=key):
-        train.parse_args([arg], DEFAULTS)
+        config.parse_args([arg])
 
 
 def test_valid_overrides_are_typed():
     """--key=value is converted to the default's type."""
-    c = train.parse_args(["--steps=7", "--lr=0.5", "--adv_std=false", "--method=sdpo", "--topk=8"], DEFAULTS)
+    c = config.parse_args(["--steps=7", "--lr=0.5", "--adv_std=false", "--method=sdpo", "--topk=8"])
     assert (c.steps, c.lr, c.adv_std, c.method, c.topk) == (7, 0.5, False, "sdpo", 8)
 
 
@@ -159,7 +160,7 @@ def test_several_updates_per_batch_sample_and_reflect_once_and_step_the_optimize
         args = TINY + [f"--method={method}", f"--updates={n}", f"--out_dir={tmp_path / str(n)}", f"--cache_dir={tmp_path / 'cache'}"]
         c, task, device, _, _ = train.setup(args)
         run, _ = quiet(train.start, c, task, device)
-        train.train_step(run, run.rng.sample(task.train, c.prompts_per_step))
+        train.step(run, run.rng.sample(task.train, c.prompts_per_step))
         runs[n] = run
     assert torch.equal(runs[1].gen.get_state(), runs[3].gen.get_state())  # one batch of rollouts either way
     assert runs[1].memory.state() == runs[3].memory.state()  # and one memory update
