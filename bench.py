@@ -1,23 +1,18 @@
 """
 Benchmarks: does PMD's memory make the memory-free student learn faster and better, and where does the time go.
 
-    python bench.py                  # the main table: GRPO, SDPO, the replay control (rft), PMD and the paper's variants,
-                                     # 5 seeds each: a table, the paper's claims as paired differences, out/bench/bench.json,
-                                     # out/bench/curves.png
-    python bench.py --difficulty     # GRPO, SDPO, rft and PMD at plan_len 1..4 (a random plan passes from often to
-                                     # almost never): tables, out/bench/difficulty.json, out/bench/difficulty.png
-    python bench.py --sweep          # the tuning behind TUNED below: every method over the same grid of learning rate,
-                                     # replay weight and updates per batch, at the default setting, on 2 seeds the
-                                     # benchmark does not use
+    python bench.py                  # every variant (VARIANTS) x 5 seeds: a table, the paper's claims as paired
+                                     # differences, out/bench/bench.json, out/bench/curves.png
+    python bench.py --difficulty     # GRPO, SDPO, rft and PMD at plan_len 1..4: out/bench/difficulty.json and .png
+    python bench.py --sweep          # the tuning behind config.TUNED: every method over the same grid, on 2 seeds
+                                     # the benchmark does not use
     python bench.py --speed          # sampling speedup, per-phase time of one step, memory cost at 100x its size
-    python bench.py --task_seed=1 --variants=grpo,sdpo,pmd --bench_dir=out/bench-t1
-                                     # any train.py setting applies to every run (here: another family table)
 
-Bench options: --seeds=1337,1,2,3,4  --variants=...  --workers=2 (runs in parallel, the cores split between them)
---bench_dir=out/bench  --knob=plan_len:1,2,3,4 (--difficulty's setting and values). Every other --key=value is a train.py setting. Each run lives in bench_dir/runs/<name>;
-a finished run with the same arguments is reused, so an interrupted benchmark continues where it stopped.
-Each seed's runs use a family table of their own (--task_seed=<seed>, with its own warm-up), so the spread over seeds
-is a spread over tables too; --task_seed=N fixes one table for every run.
+Bench options: --seeds=1337,1,2,3,4  --variants=...  --workers=2  --bench_dir=out/bench  --knob=plan_len:1,2,3,4
+(--difficulty's setting and values). Every other --key=value is a train.py setting for every run. Each run lives in
+bench_dir/runs/<name>, and a finished run with the same arguments is reused: an interrupted benchmark continues.
+Each seed's runs use a family table of their own (--task_seed=<seed>), so the spread over seeds is a spread over
+tables too; --task_seed=N fixes one table for every run.
 """
 import json
 import os
@@ -40,8 +35,8 @@ from pmd import Rollout, step
 from report import mean_lag
 from verify import OPS, Problem
 
-# the variants: train.py arguments on top of the run's own; every one starts from the same warm-up checkpoint. The
-# co-evolution and memory-level variants are the paper's, as it defines them (README, Benchmark)
+# the variants: train.py arguments on top of the run's own, from the same warm-up; the co-evolution and memory-level
+# variants are the paper's, as it defines them
 VARIANTS = {
     "grpo": ["--method=grpo"],
     "sdpo": ["--method=sdpo"],
@@ -51,7 +46,8 @@ VARIANTS = {
     # evolving memory + frozen policy: the policy never trains, its rollouts feed the memory; scored with the memory
     "frozen-policy": ["--method=pmd", "--policy_frozen=true"],
     # frozen memory + evolving policy: frozen-policy's final memory (same seed), never updated, teaches the policy
-    "frozen-memory": ["--method=pmd", "--memory_steps=0", "--memory_init={runs}/frozen-policy-s{seed}/memory.json"],
+    "frozen-memory": ["--method=pmd", "--memory_steps=0",
+                      "--memory_init={runs}/frozen-policy{tag}-s{seed}/memory.json"],
     # the memory levels, cumulative: experience only, then + insight (+ pattern is pmd)
     "experience-only": ["--method=pmd", "--memory_levels=experience"],
     "experience+insight": ["--method=pmd", "--memory_levels=experience,insight"],
@@ -61,7 +57,7 @@ VARIANTS = {
 WARMUP_ARGS = ("--reflect",)  # variant arguments that change the warm-up
 DEPENDS = {"frozen-memory": "frozen-policy"}  # a variant that starts from another's final memory, run after it
 WITH_MEMORY = ("frozen-policy",)  # scored by the policy reading its memory (the teacher's accuracy): it never trains
-NO_LAG = WITH_MEMORY + ("pmd-transient",)  # no internalisation lag: a policy that never trains, a memory gone every step
+NO_LAG = WITH_MEMORY + ("pmd-transient",)  # no internalisation lag: a policy never trained, a memory gone every step
 METHODS = ("grpo", "sdpo", "rft", "pmd")
 SWEEP = dict(lr=(1e-4, 3e-4, 1e-3), replay_weight=(0.1, 1.0), updates=(1, 4))  # the same grid for every method
 SWEEP_TASK = []  # the setting the sweep tunes at: the default
@@ -112,7 +108,8 @@ def run_one(name, args, bench_dir, threads):
         p = subprocess.run([sys.executable, script, *args], stdout=log, stderr=subprocess.STDOUT, env=env)
     if p.returncode:
         tail = open(os.path.join(d, "log.txt")).read().strip().splitlines()[-1:]
-        raise ValueError(f"run {name} failed (exit {p.returncode}): {tail[0] if tail else 'no output'}; log: {d}/log.txt")
+        why = tail[0] if tail else "no output"
+        raise ValueError(f"run {name} failed (exit {p.returncode}): {why}; log: {d}/log.txt")
     metrics = [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))]
     done = dict(version=RECORD_VERSION, args=args, wall_s=round(time.time() - t0, 1), metrics=metrics)
     tmp = done_path + ".tmp"
@@ -138,10 +135,12 @@ def run_all(jobs, bench_dir, workers, settings):
         name, args = job
         results[name] = run_one(name, args, bench_dir, threads)
         end = results[name]["metrics"][-1]
-        print(f"[{len(results)}/{len(jobs)}] {name:<30} new inputs {end['heldout_acc']:.3f}  unseen families {fmt(end.get('unseen_acc'))}  "
-              f"teacher {end['teacher_acc']:.3f}  ({results[name]['wall_s']:.0f} s; {time.time() - t0:.0f} s so far)", flush=True)
+        print(f"[{len(results)}/{len(jobs)}] {name:<30} new inputs {end['heldout_acc']:.3f}  unseen families "
+              f"{fmt(end.get('unseen_acc'))}  teacher {end['teacher_acc']:.3f}  ({results[name]['wall_s']:.0f} s; "
+              f"{time.time() - t0:.0f} s so far)", flush=True)
 
-    print(f"{len(jobs)} runs, {workers} at a time, {threads} thread(s) each; logs in {bench_dir}/runs/<name>/log.txt", flush=True)
+    print(f"{len(jobs)} runs, {workers} at a time, {threads} thread(s) each; logs in {bench_dir}/runs/<name>/log.txt",
+          flush=True)
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(one, jobs))  # list(): re-raises a failed run's error here
     return results
@@ -169,7 +168,8 @@ def mean_std(xs, f="{:.3f}"):
 def run_settings(args):
     """The tuned settings a run used: the last --lr=, --replay_weight= and --updates= of its arguments (a user's
     override wins)."""
-    last = {a[2:].split("=")[0]: float(a.split("=", 1)[1]) for a in args if a.startswith(("--lr=", "--replay_weight=", "--updates="))}
+    tuned = ("--lr=", "--replay_weight=", "--updates=")
+    last = {a[2:].split("=")[0]: float(a.split("=", 1)[1]) for a in args if a.startswith(tuned)}
     return dict(lr=last["lr"], replay_weight=last["replay_weight"], updates=int(last["updates"]))
 
 
@@ -177,38 +177,48 @@ def record(variant, seed, res):
     """One run's summary: its final evaluation (both sets, pass@k), the rollouts it took to 80 %, its curve. A frozen
     policy is scored reading its memory, as the paper scores it: its memory-free accuracy never moves."""
     if variant in WITH_MEMORY:
-        res = dict(res, metrics=[{**{k: v for k, v in m.items() if "_pass@" not in k}, "heldout_acc": m["teacher_acc"],
-                                  "unseen_acc": m.get("teacher_unseen_acc")} for m in res["metrics"]])
-    end = res["metrics"][-1]
-    return dict(end, method=variant, seed=seed, rollouts_to_80=rollouts_to(res["metrics"]), wall_s=res["wall_s"],
-                start_pass1=res["metrics"][0].get("heldout_pass@1"), settings=run_settings(res["args"]), lag=mean_lag(res["metrics"])[0],
-                curve=[[r["rollouts"], r["heldout_acc"], r.get("unseen_acc"), r["teacher_acc"]] for r in res["metrics"]])
+        scored = lambda m: {**{k: v for k, v in m.items() if "_pass@" not in k}, "heldout_acc": m["teacher_acc"],
+                            "unseen_acc": m.get("teacher_unseen_acc")}
+        res = dict(res, metrics=[scored(m) for m in res["metrics"]])
+    ms = res["metrics"]
+    return dict(ms[-1], method=variant, seed=seed, rollouts_to_80=rollouts_to(ms), wall_s=res["wall_s"],
+                start_pass1=ms[0].get("heldout_pass@1"), settings=run_settings(res["args"]), lag=mean_lag(ms)[0],
+                curve=[[r["rollouts"], r["heldout_acc"], r.get("unseen_acc"), r["teacher_acc"]] for r in ms])
+
+
+def md(cells):
+    """One row of a markdown table."""
+    return "| " + " | ".join(map(str, cells)) + " |"
 
 
 def table(records, variants):
-    rows = ["| method | lr, replay w., updates | new inputs | unseen families | pass@16 new inputs | pass@16 unseen | rollouts to 80 % | teacher (new inputs) "
-            "| internalisation lag (steps) | wall per run (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    head = ["method", "lr, replay w., updates", "new inputs", "unseen families", "pass@16 new inputs", "pass@16 unseen",
+            "rollouts to 80 %", "teacher (new inputs)", "internalisation lag (steps)", "wall per run (s)"]
+    rows = [md(head), md(["---"] * len(head))]
     for v in variants:
         rs = [r for r in records if r["method"] == v]
+        col = lambda key, f="{:.3f}": mean_std([r.get(key) for r in rs], f)
         reached = [r["rollouts_to_80"] for r in rs if r["rollouts_to_80"] is not None]
-        to80 = "not reached" if not reached else mean_std(reached, "{:.0f}") + ("" if len(reached) == len(rs) else f" ({len(reached)} of {len(rs)} seeds)")
+        some = "" if len(reached) == len(rs) else f" ({len(reached)} of {len(rs)} seeds)"
+        to80 = mean_std(reached, "{:.0f}") + some if reached else "not reached"
         s = rs[0]["settings"]
-        rows.append(f"| {v} | {s['lr']:g}, {s['replay_weight']:g}, {s['updates']} | {mean_std([r['heldout_acc'] for r in rs])} | {mean_std([r.get('unseen_acc') for r in rs])} | "
-                    f"{mean_std([r.get('heldout_pass@16') for r in rs])} | {mean_std([r.get('unseen_pass@16') for r in rs])} | {to80} | "
-                    f"{mean_std([r['teacher_acc'] for r in rs])} | {mean_std([r.get('lag') for r in rs], '{:.0f}') if method_of(v) == 'pmd' and v not in NO_LAG else '-'} | "
-                    f"{mean_std([r['wall_s'] for r in rs], '{:.0f}')} |")
+        lag = col("lag", "{:.0f}") if method_of(v) == "pmd" and v not in NO_LAG else "-"
+        settings = f"{s['lr']:g}, {s['replay_weight']:g}, {s['updates']}"
+        rows.append(md([v, settings, col("heldout_acc"), col("unseen_acc"), col("heldout_pass@16"),
+                        col("unseen_pass@16"), to80, col("teacher_acc"), lag, col("wall_s", "{:.0f}")]))
     return "\n".join(rows)
 
 
-# the paper's claims: (lower, higher, by at least): higher's accuracy minus lower's, on the same seeds, is at least that;
-# by None: higher is not below lower by more than two standard errors (the model's own reflection against counting)
-CLAIMS = [("grpo", "sdpo", 0.0), ("sdpo", "pmd", 0.0), ("sdpo", "pmd-transient", 0.0), ("pmd-transient", "pmd", 0.0), ("frozen-policy", "pmd", 0.10),
-          ("frozen-memory", "pmd", 0.10), ("experience-only", "experience+insight", 0.0), ("experience+insight", "pmd", 0.0), ("rft", "pmd", 0.0),
+# the paper's claims: (lower, higher, by at least): higher's accuracy minus lower's, on the same seeds, is at least
+# that; by None: higher is not below lower by more than two standard errors (the model's reflection against counting)
+CLAIMS = [("grpo", "sdpo", 0.0), ("sdpo", "pmd", 0.0), ("sdpo", "pmd-transient", 0.0), ("pmd-transient", "pmd", 0.0),
+          ("frozen-policy", "pmd", 0.10), ("frozen-memory", "pmd", 0.10),
+          ("experience-only", "experience+insight", 0.0), ("experience+insight", "pmd", 0.0), ("rft", "pmd", 0.0),
           ("pmd", "pmd-reflect", None)]
 
 
 def claims_table(records, variants):
-    """Each claim of CLAIMS whose two variants ran: the paired difference on both sets, mean ± standard error over seeds."""
+    """Each claim of CLAIMS whose two variants ran: the paired difference on both sets, mean ± SE over seeds."""
     acc = {(r["method"], r["seed"], key): r.get(f"{key}_acc") for r in records for key in SETS}
     rows = []
     for lo, hi, by in CLAIMS:
@@ -216,7 +226,8 @@ def claims_table(records, variants):
             continue
         cells = []
         for key in SETS:
-            d = [acc[hi, s, key] - acc[lo, s, key] for (m, s, k) in acc if m == hi and k == key and acc.get((lo, s, key)) is not None and acc[hi, s, key] is not None]
+            d = [acc[hi, s, key] - acc[lo, s, key] for (m, s, k) in acc
+                 if m == hi and k == key and acc.get((lo, s, key)) is not None and acc[hi, s, key] is not None]
             if len(d) < 2:
                 cells.append("-")
                 continue
@@ -230,12 +241,11 @@ def claims_table(records, variants):
 
 
 def reflection_table(results, seeds, model="pmd-reflect", count="pmd"):
-    """The model's own reflection per seed: its fidelity on the probe after warm-up and at the end (the share of its
-    verdicts the counting rule agrees with; of the rule's, the share missed), the share of its verdicts in RL that were
-    wrong (flipped or invented) and so reached the memory, the families whose confirmed strategy is wrong at the end
-    next to counting's, and the wall time per run next to counting's."""
-    rows = ["| seed | agree after warm-up | missed after warm-up | agree at the end | missed at the end | wrong verdicts in RL "
-            "| families with a wrong strategy (model / count) | wall s (model / count) |", "|---|---|---|---|---|---|---|---|"]
+    """The model's own reflection per seed: its fidelity on the probe after warm-up and at the end, the share of its
+    verdicts in RL that were wrong (and so reached the memory), families with a wrong strategy, wall time."""
+    head = ["seed", "agree after warm-up", "missed after warm-up", "agree at the end", "missed at the end",
+            "wrong verdicts in RL", "families with a wrong strategy (model / count)", "wall s (model / count)"]
+    rows = [md(head), md(["---"] * len(head))]
     for seed in seeds:
         m, c = results.get(f"{model}-s{seed}"), results.get(f"{count}-s{seed}")
         if not m:
@@ -243,10 +253,12 @@ def reflection_table(results, seeds, model="pmd-reflect", count="pmd"):
         first, end, rl = m["metrics"][0], m["metrics"][-1], [r for r in m["metrics"] if r.get("rl_reflect_written")]
         wrong = sum((r["rl_reflect_flipped"] + r["rl_reflect_invented"]) * r["rl_reflect_written"] for r in rl)
         written = sum(r["rl_reflect_written"] for r in rl)
-        bad = lambda res: fmt(res and res["metrics"][-1]["mem_confirmed"] - res["metrics"][-1]["mem_confirmed_right"], "{}")
-        rows.append(f"| {seed} | {fmt(first.get('reflect_agree'))} | {fmt(first.get('reflect_missed'))} | {fmt(end.get('reflect_agree'))} | "
-                    f"{fmt(end.get('reflect_missed'))} | {fmt(wrong / written if written else None)} of {written} | {bad(m)} / {bad(c)} | "
-                    f"{m['wall_s']:.0f} / {fmt(c and c['wall_s'], '{:.0f}')} |")
+        bad = lambda res: fmt(res and res["metrics"][-1]["mem_confirmed"] - res["metrics"][-1]["mem_confirmed_right"],
+                              "{}")
+        rows.append(md([seed, fmt(first.get("reflect_agree")), fmt(first.get("reflect_missed")),
+                        fmt(end.get("reflect_agree")), fmt(end.get("reflect_missed")),
+                        f"{fmt(wrong / written if written else None)} of {written}", f"{bad(m)} / {bad(c)}",
+                        f"{m['wall_s']:.0f} / {fmt(c and c['wall_s'], '{:.0f}')}"]))
     return "\n".join(rows)
 
 
@@ -277,7 +289,8 @@ def plot(records, variants, path):
             mean = [statistics.mean(a) for a in accs]
             std = [statistics.stdev(a) if len(a) > 1 else 0.0 for a in accs]
             line, = ax.plot(x, mean, label=v, lw=2 if v in METHODS else 1)
-            ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=line.get_color(), alpha=0.15)
+            lo, hi = [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)]
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
         ax.axhline(0.8, color="grey", ls=":", lw=1)
         ax.set(xlabel="rollouts", title=f"{name} (greedy, no memory), mean ± std over seeds", ylim=(0, 1))
     axes[0].set_ylabel("accuracy")
@@ -315,65 +328,74 @@ def warmups(seeds, common, extra=()):
     return [list(w) for w in dict.fromkeys(tuple([*extra, *family_table(s, common), *common]) for s in seeds)]
 
 
-def job(variant, seed, common, extra=(), tag="", runs=""):
-    """(name, train.py args) of one run; the name keys the run directory, so runs that share arguments share it.
-    runs: the directory of the runs, for a variant that reads another's files."""
-    own = [a.format(runs=runs, seed=seed) for a in VARIANTS[variant]]
-    return f"{variant}{tag}-s{seed}", [*own, *tuned_args(variant), *extra, f"--seed={seed}", *family_table(seed, common), *EVERY, *common]
+def job(variant, seed, common, point=(), runs=""):
+    """(name, train.py args) of one run at a point (train.py arguments on top of the default setting); the name keys
+    the run directory, so runs that share arguments share it. runs: the directory of the runs (frozen-memory reads
+    another run's memory there)."""
+    tag = "".join(f"-{a[2:].replace('=', '')}" for a in point)
+    own = [a.format(runs=runs, seed=seed, tag=tag) for a in VARIANTS[variant]]
+    args = [*own, *tuned_args(variant), *point, f"--seed={seed}", *family_table(seed, common), *EVERY, *common]
+    return f"{variant}{tag}-s{seed}", args
+
+
+def run_points(opts, common, variants, points):
+    """Every variant on every seed at every point; a variant that starts from another's final memory (DEPENDS) runs
+    after it, and one whose arguments change the warm-up has warm-ups of its own. Returns records with their point."""
+    seeds, runs = [int(s) for s in opts["seeds"].split(",")], os.path.join(opts["bench_dir"], "runs")
+    needed = [DEPENDS[v] for v in variants if v in DEPENDS and DEPENDS[v] not in variants]  # run, not reported
+    own = dict.fromkeys(tuple(a for a in VARIANTS[v] if a.split("=")[0] in WARMUP_ARGS) for v in variants + needed)
+    settings = [w for p in points for extra in own for w in warmups(seeds, common, [*extra, *p])]
+    results = {}
+    for later in (False, True):  # the variants that read another's final memory, once it is there
+        jobs = [job(v, s, common, p, runs) for p in points for v in variants + needed for s in seeds
+                if (v in DEPENDS) == later]
+        if jobs:
+            results.update(run_all(jobs, opts["bench_dir"], opts["workers"], settings))
+    return [dict(record(v, s, results[job(v, s, common, p)[0]]), point=list(p)) for p in points for v in variants
+            for s in seeds], results
 
 
 def bench(opts, common):
-    variants, seeds = variant_list(opts), [int(s) for s in opts["seeds"].split(",")]
-    runs, t0 = os.path.join(opts["bench_dir"], "runs"), time.time()
-    needed = [DEPENDS[v] for v in variants if v in DEPENDS and DEPENDS[v] not in variants]  # run, not reported
-    first = [(v, s) for v in variants + needed for s in seeds if v not in DEPENDS]
-    # a variant whose own arguments change the warm-up (reflect=model's teaches reflection) has warm-ups of its own
-    own = dict.fromkeys(tuple(a for a in VARIANTS[v] if a.split("=")[0] in WARMUP_ARGS) for v in variants + needed)
-    settings = [w for extra in own for w in warmups(seeds, common, extra)]
-    results = run_all([job(v, s, common, runs=runs) for v, s in first], opts["bench_dir"], opts["workers"], settings)
-    then = [(v, s) for v in variants for s in seeds if v in DEPENDS]
-    if then:  # the variants that start from another's final memory, now that it is there
-        results.update(run_all([job(v, s, common, runs=runs) for v, s in then], opts["bench_dir"], opts["workers"], settings))
-    records = [record(v, s, results[f"{v}-s{s}"]) for v in variants for s in seeds]
+    variants, t0 = variant_list(opts), time.time()
+    records, results = run_points(opts, common, variants, [()])
     save_json(records, os.path.join(opts["bench_dir"], "bench.json"))
-    print(f"\nfinal memory-free accuracy (greedy) at {records[0]['rollouts']} rollouts, {len(seeds)} seed(s): "
-          f"python bench.py {' '.join(sys.argv[1:])}\n")
+    print(f"\nfinal memory-free accuracy (greedy) at {records[0]['rollouts']} rollouts, "
+          f"{len(opts['seeds'].split(','))} seed(s): python bench.py {' '.join(sys.argv[1:])}\n")
     print(table(records, variants))
     claims = claims_table(records, variants)
     if claims:
-        print(f"\nthe paper's claims, as differences on the same seeds (mean ± standard error over seeds; 'holds' when the mean is beyond "
-              f"two standard errors in the claimed direction):\n\n{claims}")
+        print("\nthe paper's claims, as differences on the same seeds (mean ± standard error over seeds; 'holds' when "
+              f"the mean is beyond two standard errors in the claimed direction):\n\n{claims}")
     if set(variants) & set(WITH_MEMORY):
-        print(f"\n{', '.join(v for v in variants if v in WITH_MEMORY)}: the policy never trains; its accuracy is the policy reading its memory")
+        print(f"\n{', '.join(v for v in variants if v in WITH_MEMORY)}: the policy never trains; its accuracy is the "
+              "policy reading its memory")
     if "pmd-reflect" in variants:
-        print(f"\npmd-reflect: the teacher's weights write the insights' verdicts; their fidelity against the counting rule\n\n"
-              f"{reflection_table(results, seeds)}")
+        print("\npmd-reflect: the teacher's weights write the insights' verdicts; their fidelity against the counting "
+              f"rule\n\n{reflection_table(results, [int(s) for s in opts['seeds'].split(',')])}")
     print(f"\nwrote {opts['bench_dir']}/bench.json; benchmark wall time {(time.time() - t0) / 60:.1f} min")
     plot(records, variants, os.path.join(opts["bench_dir"], "curves.png"))
 
 
 def difficulty(opts, common):
-    """Every method at every setting of the DIFFICULTY knob, on the benchmark's seeds; the default setting's runs are
-    the benchmark's own (same arguments, same directories)."""
-    knob, values = knob_values(opts["knob"])
-    default, seeds = getattr(config, knob), [int(s) for s in opts["seeds"].split(",")]
-    extra = lambda val: [] if val == default else [f"--{knob}={val}"]
-    cells = [(m, val, s) for val in values for m in METHODS for s in seeds]
-    jobs = [job(m, s, common, extra(val), "" if val == default else f"-{knob}{val}") for m, val, s in cells]
-    t0 = time.time()
-    results = run_all(jobs, opts["bench_dir"], opts["workers"], [w for val in values for w in warmups(seeds, common, extra(val))])
-    records = [dict(record(m, s, results[name]), **{knob: val}) for (name, _), (m, val, s) in zip(jobs, cells)]
+    """Every method at every setting of the knob, on the benchmark's seeds; the default setting's runs are the
+    benchmark's own (same arguments, same directories)."""
+    knob, values, t0 = *knob_values(opts["knob"]), time.time()
+    points = [() if val == getattr(config, knob) else (f"--{knob}={val}",) for val in values]
+    records, _ = run_points(opts, common, list(METHODS), points)
+    for r in records:
+        r[knob] = values[points.index(tuple(r["point"]))]
     save_json(records, os.path.join(opts["bench_dir"], "difficulty.json"))
     start = {val: statistics.mean(r["start_pass1"] for r in records if r[knob] == val) for val in values}
     print(f"\nfinal memory-free accuracy (greedy) at {records[0]['rollouts']} rollouts against {knob}, mean ± std over "
-          f"{len(seeds)} seeds: python bench.py {' '.join(sys.argv[1:])}")
+          f"{len(opts['seeds'].split(','))} seeds: python bench.py {' '.join(sys.argv[1:])}")
     for key, name in SETS.items():
-        print(f"\n{name}:\n\n| method | " + " | ".join(f"{knob}={val} (start {start[val]:.3f})" for val in values) + " |")
-        print("|---|" + "---|" * len(values))
+        print(f"\n{name}:\n\n" + md(["method", *(f"{knob}={val} (start {start[val]:.3f})" for val in values)]))
+        print(md(["---"] * (len(values) + 1)))
         for m in METHODS:
-            print(f"| {m} | " + " | ".join(mean_std([r.get(f"{key}_acc") for r in records if r["method"] == m and r[knob] == val]) for val in values) + " |")
-    print(f"\n'start' is the initial success rate: the warm-up policy's pass@1 (sampled) on new inputs, mean over seeds. "
-          f"Wall time {(time.time() - t0) / 60:.1f} min; wrote {opts['bench_dir']}/difficulty.json")
+            accs = lambda val: [r.get(f"{key}_acc") for r in records if r["method"] == m and r[knob] == val]
+            print(md([m, *(mean_std(accs(val)) for val in values)]))
+    print("\n'start' is the initial success rate: the warm-up policy's pass@1 (sampled) on new inputs, mean over "
+          f"seeds. Wall time {(time.time() - t0) / 60:.1f} min; wrote {opts['bench_dir']}/difficulty.json")
     plot_difficulty(records, knob, start, os.path.join(opts["bench_dir"], "difficulty.png"))
 
 
@@ -413,15 +435,16 @@ def plot_difficulty(records, knob, start, path):
 
 def sweep_grid():
     """The SWEEP grid's points."""
-    return [dict(lr=lr, replay_weight=w, updates=u) for u in SWEEP["updates"] for lr in SWEEP["lr"] for w in SWEEP["replay_weight"]]
+    return [dict(lr=lr, replay_weight=w, updates=u)
+            for u in SWEEP["updates"] for lr in SWEEP["lr"] for w in SWEEP["replay_weight"]]
 
 
 def sweep_jobs(grid, cells, common):
     """(name, train.py args) of each (method, grid point, seed) cell."""
     name = lambda g: f"lr{g['lr']:g}-rw{g['replay_weight']:g}-u{g['updates']}"
-    return [(f"sweep-{m}-{name(grid[i])}-s{s}",
-             [*VARIANTS[m], *(f"--{k}={v}" for k, v in grid[i].items()), f"--seed={s}", *family_table(s, common), *EVERY, *SWEEP_TASK, *common])
-            for m, i, s in cells]
+    args = lambda m, g, s: [*VARIANTS[m], *(f"--{k}={v}" for k, v in g.items()), f"--seed={s}",
+                            *family_table(s, common), *EVERY, *SWEEP_TASK, *common]
+    return [(f"sweep-{m}-{name(grid[i])}-s{s}", args(m, grid[i], s)) for m, i, s in cells]
 
 
 def sweep(opts, common):
@@ -435,17 +458,17 @@ def sweep(opts, common):
         acc.setdefault((m, i), []).append(results[name]["metrics"][-1]["heldout_acc"])
     print(f"\nfinal memory-free accuracy on new inputs, mean ± std over seeds {SWEEP_SEEDS}, {' '.join(SWEEP_TASK)}: "
           f"python bench.py {' '.join(sys.argv[1:])}\n")
-    print("| method | " + " | ".join(f"lr {g['lr']:g}, w {g['replay_weight']:g}, {g['updates']} upd." for g in grid) + " |")
-    print("|---|" + "---|" * len(grid))
+    print(md(["method", *(f"lr {g['lr']:g}, w {g['replay_weight']:g}, {g['updates']} upd." for g in grid)]))
+    print(md(["---"] * (len(grid) + 1)))
     best = {}
     for m in METHODS:
-        print(f"| {m} | " + " | ".join(mean_std(acc[m, i]) for i in range(len(grid))) + " |")
+        print(md([m, *(mean_std(acc[m, i]) for i in range(len(grid)))]))
         best[m] = grid[max(range(len(grid)), key=lambda i: statistics.mean(acc[m, i]))]
-    print("\nbest: " + "; ".join(f"{m} lr {b['lr']:g} replay_weight {b['replay_weight']:g} updates {b['updates']}" for m, b in best.items()))
-    print("bench.py uses (TUNED): " + "; ".join(f"{m} lr {t['lr']:g} replay_weight {t['replay_weight']:g} updates {t['updates']}"
-                                                for m, t in TUNED.items()))
-    save_json(dict(grid=grid, seeds=SWEEP_SEEDS, task=SWEEP_TASK, acc={f"{m} {i}": a for (m, i), a in acc.items()}, best=best),
-              os.path.join(opts["bench_dir"], "sweep.json"))
+    said = lambda rows: "; ".join(f"{m} lr {t['lr']:g} replay_weight {t['replay_weight']:g} updates {t['updates']}"
+                                  for m, t in rows.items())
+    print(f"\nbest: {said(best)}\nbench.py uses (TUNED): {said(TUNED)}")
+    save_json(dict(grid=grid, seeds=SWEEP_SEEDS, task=SWEEP_TASK, acc={f"{m} {i}": a for (m, i), a in acc.items()},
+                   best=best), os.path.join(opts["bench_dir"], "sweep.json"))
 
 
 # -----------------------------------------------------------------------------
@@ -472,7 +495,8 @@ def speed_sampling(run, repeats):
     model.eval()
     res = {}
     for use_cache in (True, False):
-        sample = lambda: generate(model, prompts, c.group_size, run.task.max_completion, c.temperature, torch.Generator(run.device).manual_seed(0), use_cache)
+        gen = torch.Generator(run.device).manual_seed(0)
+        sample = lambda: generate(model, prompts, c.group_size, run.task.max_completion, c.temperature, gen, use_cache)
         t, (comps, _) = timed(sample, repeats)
         res[use_cache] = (sum(map(len, comps)) / t, t)
     model.train()
@@ -509,13 +533,14 @@ def speed_step(run, steps):
     for _ in range(steps):
         step(run, run.rng.sample(run.task.train, run.c.prompts_per_step))
     total = (time.perf_counter() - t0) / steps
-    print(f"\none training step ({run.c.method}, {run.c.prompts_per_step * run.c.group_size} rollouts + {run.c.replay} replay examples), "
-          f"mean over {steps} steps: {total * 1e3:.0f} ms")
+    print(f"\none training step ({run.c.method}, {run.c.prompts_per_step * run.c.group_size} rollouts + {run.c.replay} "
+          f"replay examples), mean over {steps} steps: {total * 1e3:.0f} ms")
     for k in ("rollout", "verify", "reflect", "memory", "teacher", "student", "optimizer"):
         if k == "reflect" and k not in times:  # reflect=count: the rule's verdicts are part of the memory update
             continue
         ms = times.get(k, 0.0) / steps * 1e3
-        what = dict(rollout="sampling (KV cache)", verify="verifier", reflect="the teacher's weights write the verdicts (reflect=model)",
+        what = dict(rollout="sampling (KV cache)", verify="verifier",
+                    reflect="the teacher's weights write the verdicts (reflect=model)",
                     memory="memory update + render", teacher="teacher forward", student="student forward + backward",
                     optimizer="clip, AdamW, EMA teacher")[k]
         print(f"  {k:<10} {ms:8.1f} ms  {ms / (total * 1e3) * 100:5.1f} %   {what}")
@@ -538,8 +563,8 @@ def synthetic_fill(memory, n_families, rng):
                 prompt = f"{fam}:{''.join(rng.choice('abcdefghijkl') for _ in range(5))}>"
                 plan = tuple(rng.choice(ops) for _ in range(3))
                 reward = int(rng.random() < 0.3)
-                rolls.append(Rollout(Problem(f"{fam}/{j}", fam, group, prompt, ""), ",".join(plan) + "|x|y|z\n", [], [], reward,
-                                     "" if reward else "wrong answer", plan))
+                rolls.append(Rollout(Problem(f"{fam}/{j}", fam, group, prompt, ""), ",".join(plan) + "|x|y|z\n", [], [],
+                                     reward, "" if reward else "wrong answer", plan))
         memory.update(rolls)
 
 

@@ -169,7 +169,8 @@ def check_config(c):
         raise ValueError(f"n_embd={c['n_embd']} / n_head={c['n_head']} must be an even whole number "
                          "(a head's size; rotary embeddings rotate pairs)")
     if c["sampled_token"] and c["topk"]:
-        raise ValueError(f"sampled_token=True and topk={c['topk']} exclude each other (the sampled-token form uses one token)")
+        raise ValueError(f"sampled_token=True and topk={c['topk']} exclude each other (the sampled-token form uses "
+                         "one token)")
     check_task_settings(**{k: c[k] for k in TASK_SETTINGS})
     if c["device"].startswith("cuda"):
         if not torch.cuda.is_available():
@@ -205,7 +206,7 @@ def check_task(task):
 
 def check_fit(c, prompt_tokens, completion_tokens, train_problems, world):
     """A sequence fits block_size, a step's problems exist and split over the ranks, and a lower bound on the memory a
-    run holds (weights, gradients, Adam, a teacher copy; a step's key-value cache or a batch's logits) fits the device."""
+    run holds (weights, gradients, Adam, a teacher; a step's key-value cache or a batch's logits) fits the device."""
     need = prompt_tokens + completion_tokens + c.mem_budget
     if need > c.block_size:
         raise ValueError(f"block_size={c.block_size} is too small: mem_budget={c.mem_budget} + prompt + completion "
@@ -263,11 +264,13 @@ def warn_pointless(c, task):
     """Legal settings that make a run pointless: a one-line warning each, before any work."""
     why, name = [], c.method.upper()
     if c.warmup_steps == 0 and c.init_from == "scratch":
-        why.append("warmup_steps=0: RL starts from an untrained model, which can neither execute a plan nor read a memory")
+        why.append("warmup_steps=0: RL starts from an untrained model, which can neither execute a plan nor read a "
+                   "memory")
     if c.group_size == 1 and c.method in ("grpo", "sdpo"):
         why.append(f"group_size=1: {name} learns from differences within a group, and a group of one has none")
     if c.temperature == 0 and c.method in ("grpo", "sdpo"):
-        why.append(f"temperature=0: a group's samples are all the same greedy completion, so {name} has nothing to compare")
+        why.append(f"temperature=0: a group's samples are all the same greedy completion, so {name} has nothing to "
+                   "compare")
     lines = reference_memory(task, settings_of(c), c.seed, budget=10**9).render(task.train[0], levels(c))
     shortest = min(map(len, lines.splitlines()), default=0) + 1  # with its newline
     if c.method == "pmd" and not levels(c):

@@ -1,21 +1,15 @@
 """
 Procedural memory: three levels, plain dicts and lists, saved as human-readable JSON.
 
-    experience  family -> list of raw trajectories {pid, text, n_prompt, reward, feedback, step}; text is the
-                prompt (its first n_prompt characters) and the completion
-    insight     family -> {strategy: {agree: [pids], contradict: [pids], step}}
-                a strategy whose faithful traces passed on more inputs than they failed on is a
-                *strategy* (rendered `ok`); one that failed more is a *lesson* (rendered `bad`);
-                evidence both ways in equal measure retires it.
-    pattern     cluster -> {"i:step": {support: [families], against: [families]}}
-                steps that the confirmed strategies of most families of a cluster share (a problem's group
-                names its clusters, space-separated); they are what a family the memory has never seen can use.
+    experience  family -> raw trajectories {pid, text (prompt + completion), n_prompt, reward, feedback, step}
+    insight     family -> {strategy: {agree: [pids], contradict: [pids], step}}: passed on more inputs than failed,
+                a *strategy* (rendered `ok`); failed more, a *lesson* (`bad`); equal evidence retires it
+    pattern     cluster -> {"i:step": {support: [families], against: [families]}}: steps that the confirmed
+                strategies of most of a cluster's families share: what a family never seen can use
 
-The memory is task-agnostic: it sees problems only through their keys (pid, family, group, prompt)
-and traces only through the task's verdict (reward, feedback) and the strategy (a tuple of steps)
-of a faithful trace. Only faithful traces count as evidence for insights and patterns.
-
-Read a memory file with `python report.py out/memory.json`, a run directory with `python report.py out/`.
+Task-agnostic: problems are seen through their keys (pid, family, group: its clusters, space-separated, prompt),
+traces through the verdict (reward, feedback) and the strategy of a faithful trace, the only evidence counted.
+Read a memory file with `python report.py out/memory.json`.
 """
 import json
 import os

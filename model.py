@@ -8,7 +8,6 @@ A small GPT (rotary positions, tied head) plus what PMD needs around it:
   The student (prefix = prompt) and the teacher (prefix = memory context + prompt) both use it.
 """
 import contextlib
-import os
 from dataclasses import dataclass
 
 import tiktoken
@@ -228,10 +227,9 @@ def attn_mask(valid, T_q):
 def generate(model, prompts, n_samples, max_new_tokens, temperature=1.0, generator=None, use_cache=True):
     """Sample n_samples completions for each prompt (a list of token-id lists).
 
-    Returns (completions, logprobs): len(prompts) * n_samples token-id lists grouped by prompt, each
-    ending with EOS unless cut at max_new_tokens, and each token's log-prob under the model itself, untempered (what
-    the losses' ratios compare the policy with). temperature 0 is greedy. With use_cache=False every step
-    recomputes the whole sequence; under the same generator it yields the same tokens.
+    Returns (completions, logprobs): len(prompts) * n_samples token-id lists grouped by prompt, each ending with EOS
+    unless cut at max_new_tokens, and each token's untempered log-prob (what the losses' ratios compare the policy
+    with). temperature 0 is greedy. use_cache=False recomputes every step: the same tokens, for the speed benchmark.
     """
     device = next(model.parameters()).device
     idx, valid, pos = left_pad(prompts, device)
@@ -305,41 +303,3 @@ def new_caches(model, B, T_max):
     """One empty KVCache per layer for B rows of up to T_max tokens."""
     cfg, p = model.cfg, next(model.parameters())
     return [KVCache(B, cfg.n_head, T_max, cfg.n_embd // cfg.n_head, p.device, p.dtype) for _ in range(cfg.n_layer)]
-
-
-# -----------------------------------------------------------------------------
-# checkpoint files: written atomically, loaded with weights_only
-
-
-def atomic_save(obj, path, rename=True):
-    """torch.save to a temporary file, flushed to disk, then renamed over path (rename=False: the caller renames
-    the returned temporary path)."""
-    tmp = f"{path}.{os.getpid()}.tmp"  # one per process: runs that share cache_dir may write the same warm-up at once
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if rename:
-        os.replace(tmp, path)
-    return tmp
-
-
-def load_checkpoint(path, keys=("model", "config")):
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"checkpoint {path} not found") from None
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys):
-        why = " (or not one to resume from)" if isinstance(ckpt, dict) and "model" in ckpt else ""
-        raise ValueError(f"checkpoint {path} is not a checkpoint of this project{why}")
-    return ckpt
-
-
-def load_weights(module, state, path):
-    try:
-        module.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError, KeyError) as e:
-        raise ValueError(f"checkpoint {path} does not fit this model (n_layer, n_head, n_embd must match): "
-                         f"{' '.join(str(e).split())[:200]}") from None

@@ -47,7 +47,7 @@ def step(run, problems):
             with autocast(run.device):
                 loss, more = losses(run, rolls, contexts, share)
             stats.update(more)
-            loss, norm, ok = optimize(run, loss)
+            norm, ok = optimize(run, loss)
             finite = finite and ok
     run.step += 1
     run.rollouts += c.prompts_per_step * c.group_size
@@ -172,7 +172,8 @@ def losses(run, rolls, contexts, problems):
     stats = dict(length=mask.sum(1).mean().item())
     loss = 0.0 * s_logits.sum()  # a graph even when every rollout is masked out
     if c.method == "grpo" or c.pg_weight > 0:
-        adv = grpo_advantages(torch.tensor([float(r.reward) for r in rolls], device=run.device), c.group_size, c.adv_std)
+        rewards = torch.tensor([float(r.reward) for r in rolls], device=run.device)  # (N,)
+        adv = grpo_advantages(rewards, c.group_size, c.adv_std)
         logp_old = sampler_logprobs(rolls, mask) if c.updates > 1 else None
         pg = pg_loss(token_logprobs(s_logits, targets), adv, mask, logp_old)
         loss = loss + (1.0 if c.method == "grpo" else c.pg_weight) * pg
@@ -298,7 +299,7 @@ def memory_successes(memory, problems):
 
 def optimize(run, loss):
     """Backward, gradients averaged over ranks, clip, AdamW and the EMA teacher. A non-finite loss or gradient norm
-    skips the update on every rank. Returns (loss, grad norm, finite)."""
+    skips the update on every rank. Returns (grad norm, finite)."""
     c, model = run.c, run.model
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -320,4 +321,4 @@ def optimize(run, loss):
         if c.teacher == "ema":
             ema_update(run.teacher, model, c.ema_rate)
     run.clock("optimizer")
-    return loss, norm, finite
+    return norm, finite

@@ -19,7 +19,8 @@ import torch
 
 import config
 from memory import Memory, clean, net
-from model import GPT, GPTConfig, decode, encode, generate, load_checkpoint, load_weights
+from checkpoint import load_checkpoint, load_weights
+from model import GPT, GPTConfig, decode, encode, generate
 from train import make_task
 
 SOLVED = 0.5  # a family counts as solved at an evaluation once this share of its held-out problems is (greedy)
@@ -147,7 +148,8 @@ def unseen_lines(families, unseen, mem):
     """The unseen families' timeline, with the patterns of their clusters (families: family -> [group, plan])."""
     fmt = lambda x: "-" if x is None else str(x)
     out = ["\nunseen families (RL never trains on them; only their clusters' patterns reach them)",
-           f"  {'family':<8}{'teacher':>9}{'student':>9}   patterns of its clusters in the final memory (right for it?)"]
+           f"  {'family':<8}{'teacher':>9}{'student':>9}   patterns of its clusters in the final memory "
+           "(right for it?)"]
     for f, t in unseen.items():
         group, plan = families.get(f, [None, None])
         pats = [(key, k) for key in (group or "").split() for k in (mem.pattern.get(key, {}) if mem else {})]
@@ -191,7 +193,7 @@ def plot_run(run_dir, path):
         for key, _, mark, color in marks:
             if t[key] is not None:
                 bx.plot(t[key], y, mark, color=color, ms=8)
-    bx.plot([], [], "s", color="tab:orange", alpha=0.6, label="memory right -> student solves (hatched: not by the end)")
+    bx.plot([], [], "s", color="tab:orange", alpha=0.6, label="memory right -> student solves (hatched: not yet)")
     for _, label, mark, color in marks:
         bx.plot([], [], mark, color=color, label=label)
     bx.set(yticks=range(len(fams)), yticklabels=fams, xlim=(-5, end + 5), ylim=(len(fams) - 0.5, -0.5),

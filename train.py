@@ -7,12 +7,10 @@ Warm-up, then online self-improvement with GRPO, SDPO, PMD or the replay control
     python train.py --help                       # every setting (config.py): its default and what it allows
     torchrun --standalone --nproc_per_node=8 train.py   # one process per GPU (NCCL; gloo on CPU)
 
-Under torchrun each rank samples its share of every step's problems, gradients are averaged, and every rank updates
-the memory with all ranks' rollouts; rank 0 evaluates and writes files. Resume with the same number of ranks.
-Writes to out_dir: ckpt.pt, memory.json, metrics.jsonl (one JSON object per evaluation).
+Under torchrun each rank samples its share of each step's problems, gradients are averaged, every rank's memory takes
+all ranks' rollouts; rank 0 evaluates and writes out_dir: ckpt.pt, memory.json, metrics.jsonl (one line per evaluation).
 """
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -27,7 +25,8 @@ from tqdm import tqdm
 
 from config import TASK_SETTINGS, configure, levels, pick_device, warn_pointless
 from memory import LEVELS, Memory, settings_of
-from model import GPT, GPTConfig, atomic_save, decode, encode, generate, load_checkpoint, load_weights
+from checkpoint import RESUME_KEYS, load_checkpoint, load_weights, open_metrics, save, to_tuple
+from model import GPT, GPTConfig, decode, encode, generate
 from pmd import make_teacher, reflection, rollout, step, verify
 from warmup import reference_memory, warmup
 from verify import HiddenProcedures
@@ -108,7 +107,8 @@ def print_headroom(model, task, c, device):
         pct = lambda k: "-" if f[k] is None else f"{f[k]:.1%}"
         print(f"  reflection fidelity on the RL families' rollouts ({f['reflect_written']} verdicts written, "
               f"{f['reflect_dropped']} parts unparsed): the rule agrees with {pct('reflect_agree')}, flipped "
-              f"{pct('reflect_flipped')}, invented {pct('reflect_invented')}; missed {pct('reflect_missed')} of the rule's")
+              f"{pct('reflect_flipped')}, invented {pct('reflect_invented')}; missed {pct('reflect_missed')} of the "
+              "rule's")
 
 
 def fidelity_shares(counts, prefix="reflect_"):
@@ -150,79 +150,6 @@ def evaluate(model, teacher, task, memory, c, device, pass_k=False, right=None):
         out.update(reflection_probe(model, teacher, task, c, device))
     model.train()
     return dict(out, family_acc=fam, teacher_family_acc=t_fam)
-
-
-# -----------------------------------------------------------------------------
-# checkpoints: written atomically; a kill at any point leaves a pair that loads
-
-
-RESUME_KEYS = ("model", "config", "optimizer", "step", "rollouts", "py_rng", "torch_rng", "gen_rng")
-
-
-def read_metrics(path, upto):
-    """The lines of metrics.jsonl up to step upto, to resume from; a torn last line (a kill mid-write) ends them."""
-    try:
-        with open(path) as f:
-            lines = f.readlines()
-    except OSError as e:
-        raise ValueError(f"cannot read {path} to resume ({e.strerror})") from None
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] > upto:
-                break
-        except (ValueError, KeyError, TypeError):
-            break
-        kept.append(line)
-    if not kept or json.loads(kept[0])["step"] != 0:
-        raise ValueError(f"{path} lacks the step-0 evaluation; cannot resume")
-    return kept
-
-
-def fingerprint(run):
-    """sha1s (12 hex digits) of what every rank must hold identically: weights (student, teacher), memory, problem RNG."""
-    h = hashlib.sha1()
-    for m in {id(run.model): run.model, id(run.teacher): run.teacher}.values():
-        for t in m.state_dict().values():
-            h.update(t.detach().float().cpu().numpy().tobytes())
-    sha = lambda b: hashlib.sha1(b).hexdigest()[:12]
-    return dict(params=h.hexdigest()[:12], memory=sha(json.dumps(run.memory.state()).encode()),
-                rng=sha(repr(run.rng.getstate()).encode()))
-
-
-def save(run, step_):
-    """ckpt.pt and memory.json, both complete on disk before either replaces its old version (resume checks that they
-    match). Under torchrun, also every rank's sampler state, and a check that the ranks still agree."""
-    c, world = run.c, run.world
-    if world > 1:
-        states = [None] * world
-        dist.all_gather_object(states, (fingerprint(run), run.gen.get_state()))
-        prints = [fp for fp, _ in states]
-        if any(fp != prints[0] for fp in prints):
-            raise ValueError(f"ranks disagree at step {step_}: {prints}")
-        if not run.rank:
-            tqdm.write(f"step {step_}: all {world} ranks agree: " + ", ".join(f"{k} {v}" for k, v in prints[0].items()))
-    if run.rank:
-        return
-    ckpt = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), config=vars(c), step=step_,
-                rollouts=run.rollouts, py_rng=to_list(run.rng.getstate()), torch_rng=torch.get_rng_state(),
-                gen_rng=run.gen.get_state(), memory_step=run.memory.step)
-    if run.teacher is not run.model:
-        ckpt["teacher"] = run.teacher.state_dict()
-    if world > 1:
-        ckpt.update(world_size=world, gen_rngs=[g for _, g in states])
-    path = os.path.join(c.out_dir, "ckpt.pt")
-    tmp = atomic_save(ckpt, path, rename=False)
-    run.memory.save(os.path.join(c.out_dir, "memory.json"))
-    os.replace(tmp, path)
-
-
-def to_list(x):
-    return [to_list(v) for v in x] if isinstance(x, tuple) else x
-
-
-def to_tuple(x):
-    return tuple(to_tuple(v) for v in x) if isinstance(x, list) else x
 
 
 # -----------------------------------------------------------------------------
@@ -316,19 +243,6 @@ def start(c, task, device, rank=0, world=1):
     return run
 
 
-def open_metrics(run, path):
-    """metrics.jsonl for this run: empty for a fresh one; for a resumed one, cut back to its checkpoint's step, with
-    pass@k dropped from all but step 0 (it is measured at a run's end, and a continued run has a new end)."""
-    if run.c.init_from != "resume":
-        open(path, "w").close()
-        return
-    kept = read_metrics(path, run.step)
-    kept[1:] = [json.dumps({k: v for k, v in json.loads(line).items() if "_pass@" not in k}) + "\n" for line in kept[1:]]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
-
-
 def main(argv, task=None):
     """Run from command-line style arguments. task: any object with the interface in verify.py's docstring
     (default: the built-in HiddenProcedures made from the task settings)."""
@@ -365,15 +279,16 @@ def main(argv, task=None):
                 reflected[k.removeprefix("reflect_")] = reflected.get(k.removeprefix("reflect_"), 0) + v
         nonfinite = 0 if finite else nonfinite + 1
         if not finite and master:
-            tqdm.write(f"warning: step {it + 1}: non-finite loss ({loss.item():.4g}) or gradient norm ({norm.item():.4g});"
-                       f" update skipped ({nonfinite} in a row, max_nonfinite={c.max_nonfinite})")
+            tqdm.write(f"warning: step {it + 1}: non-finite loss ({loss.item():.4g}) or gradient norm "
+                       f"({norm.item():.4g}); update skipped ({nonfinite} in a row, max_nonfinite={c.max_nonfinite})")
         if nonfinite >= c.max_nonfinite:
             where = (f"the last good checkpoint, {c.out_dir}/ckpt.pt (step {saved}), is intact" if saved is not None
                      else "no checkpoint was written")
             raise ValueError(f"{nonfinite} consecutive steps with a non-finite loss or gradient norm (steps "
                              f"{it + 2 - nonfinite}-{it + 1}); stopped, {where}")
         if (it + 1) % c.eval_interval == 0 or it + 1 == c.steps:  # means since the last evaluation
-            since = dict(reward=sum(rewards) / len(rewards), **(fidelity_shares(reflected, "rl_reflect_") if reflected else {}))
+            since = dict(reward=sum(rewards) / len(rewards))
+            since.update(fidelity_shares(reflected, "rl_reflect_") if reflected else {})
             last = log(it + 1, since, pass_k=it + 1 == c.steps)
             rewards, reflected = [], {}
             save(run, it + 1)

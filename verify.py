@@ -90,12 +90,6 @@ def sizes(plan_len, input_len):
     return 3 + 1 + input_len + 1, 4 * plan_len + (input_len + 1) * plan_len + 2
 
 
-def digit_values(families_per_group):
-    """Values each digit of an id takes: two more than a letter's RL families, so each letter keeps two first digits
-    that none of its RL families has (a family RL never trains on is then a new combination, not a copy of one)."""
-    return families_per_group + 2
-
-
 RANGES = dict(plan_len=(1, 6), n_ops=(2, 8), n_groups=(1, 10), families_per_group=(1, 8), input_len=(2, 12),
               n_train=(1, None), n_heldout=(1, None), n_unseen=(0, 2), answer_len=(1, 12))  # each setting alone
 
@@ -106,7 +100,7 @@ def span(key):
 
 
 def check_settings(**settings):
-    """The task's settings, each (RANGES) and together; a ValueError naming the setting, its value and what is allowed."""
+    """The task's settings, each (RANGES) and together; a ValueError names the setting, its value, what is allowed."""
     for key, (lo, hi) in RANGES.items():
         if not lo <= settings[key] <= (hi or settings[key]):
             raise ValueError(f"{key}={settings[key]} is not allowed: {span(key)}")
@@ -125,13 +119,14 @@ class HiddenProcedures:
     def __init__(self, plan_len=2, n_ops=6, n_groups=3, families_per_group=4, input_len=5, n_train=32, n_heldout=8,
                  seed=0, n_unseen=2, answer_len=2):
         check_settings(plan_len=plan_len, n_ops=n_ops, n_groups=n_groups, families_per_group=families_per_group,
-                       input_len=input_len, n_train=n_train, n_heldout=n_heldout, n_unseen=n_unseen, answer_len=answer_len)
+                       input_len=input_len, n_train=n_train, n_heldout=n_heldout, n_unseen=n_unseen,
+                       answer_len=answer_len)
         self.plan_len, self.input_len, self.answer_len = plan_len, input_len, answer_len
         self.ops = list(OPS)[:n_ops]
         self.max_completion = sizes(plan_len, input_len)[1]
         rng = random.Random(seed)
         self.plans = self._unambiguous_plans(rng)
-        letters, k = GROUPS[:n_groups], digit_values(families_per_group)
+        letters, k = GROUPS[:n_groups], families_per_group + 2  # a letter keeps 2 first digits for unseen ids
         chars = (letters, "".join(rng.sample(DIGITS, k)), "".join(rng.sample(DIGITS, k)))  # what each id position takes
         rl, new = self._ids(rng, chars, families_per_group)
         self.tables = self._bind(rng, chars, rl)  # step -> id character -> op

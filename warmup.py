@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from memory import LEVELS, Memory, Rollout, reflection_prompts, settings_of, written
-from model import GPT, GPTConfig, atomic_save, autocast, completion_logits, encode, load_checkpoint, load_weights
+from checkpoint import atomic_save, load_checkpoint, load_weights
+from model import GPT, GPTConfig, autocast, completion_logits, encode
 
 PLAIN_POOL = 64  # warm-up groups whose families keep their plans and inputs: the model learns that an id sets a plan
 REFLECTION = 0.2  # with reflect=model: the share of the warm-up's and replay's context examples that teach reflection
@@ -46,12 +47,10 @@ def warmup_example(task, rng, memory_settings, p_plain=0.3, p_right=(0.0, 0.2, 0
                    group_size=8):
     """(context, prompt, completion) for one problem of fresh warm-up families.
 
-    A memory is filled with plausible attempts (right, wrong, lucky passes of wrong plans, some unfaithful) at some
-    problems of the families, then rendered for the target with a random subset of levels. The target is always the
-    reference solution, so the model learns to use whatever the context says and, without one, a uniform guess over
-    plans. p_plain: the share with no context; p_right: the rates of right attempts a memory is drawn with (0: as RL
-    before discovery); p_unseen: the share whose target family has no memory of its own (as an unseen family);
-    p_reflect: the share of the others that teach reflection instead (reflection_example)."""
+    A memory of plausible attempts (right, wrong, lucky, some unfaithful) is rendered for the target with random
+    levels; the target is always the reference solution, so the model learns to use whatever the context says.
+    p_plain: the share with no context; p_right: the rates of right attempts a memory is drawn with; p_unseen: the
+    share whose target family has no memory of its own; p_reflect: the share that teach reflection instead."""
     probs = task.warmup_group(rng)
     if rng.random() < p_plain:  # no context: half the time a family of a fixed pool, whose id always means one plan
         pool = plain_pool(task)
@@ -70,7 +69,8 @@ def warmup_example(task, rng, memory_settings, p_plain=0.3, p_right=(0.0, 0.2, 0
     if rng.random() < p_unseen:  # the target's family has no memory of its own: only its clusters' patterns reach it
         seen = [p for p in seen if p.family != target.family] or seen
     rate = rng.choice(p_right)
-    mem.update(verified(task, [(p, task.attempt(p, rng, rate, p_lucky=0.3)) for p in seen for _ in range(rng.randint(1, 4))]))
+    attempts = [(p, task.attempt(p, rng, rate, p_lucky=0.3)) for p in seen for _ in range(rng.randint(1, 4))]
+    mem.update(verified(task, attempts))
     levels = [lvl for lvl in LEVELS if rng.random() < 0.6] or [rng.choice(LEVELS)]
     return mem.render(target, levels), target.prompt, task.solve(target)
 
@@ -90,7 +90,8 @@ def reflection_example(task, rng, problem, G):
 def reference_memory(task, settings, seed, budget=None):
     """What PMD's memory holds once the policy has found each family's plan, just after a lucky pass: per RL family,
     verified reference traces of 3 training problems with a wrong attempt each, then (the most recent experience) an
-    attempt at a 4th that passes with a wrong plan where the task has one. budget: the render budget, if not settings'."""
+    attempt at a 4th that passes with a wrong plan where the task has one. budget: the render budget, if not the
+    settings'."""
     rng = random.Random(seed)
     mem = Memory(**dict(settings, budget=budget or settings["budget"]))
     per_family = {}
@@ -154,7 +155,8 @@ def warmup(c, task, device):
 def train_warmup(model, c, task, device):
     """Supervised steps on fresh warm-up families (pmd.warmup_example) in three phases: executing a plan with no
     context (the first 5/12 of the steps), reading memories richer in right attempts than RL's (to 11/12), then the mix
-    RL's memories have. Execution first is what makes the warm-up reliable. reflect=model adds reflection to the last two."""
+    RL's memories have. Execution first is what makes the warm-up reliable. reflect=model adds reflection to the
+    last two."""
     rng = random.Random(c.warmup_seed)
     opt = torch.optim.AdamW(model.parameters(), lr=c.warmup_lr, weight_decay=0.0)
     settings, batches = settings_of(c), []

@@ -17,7 +17,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import memory as memory_mod  # noqa: E402
-import model  # noqa: E402
+import checkpoint  # noqa: E402
 import pmd  # noqa: E402
 import train  # noqa: E402
 from memory import LEVELS, Memory  # noqa: E402
@@ -164,7 +164,7 @@ class Died(Exception):
 
 def test_interrupted_saves_leave_previous_files_loadable(tmp_path, monkeypatch):
     ckpt, mem_path = str(tmp_path / "ckpt.pt"), str(tmp_path / "memory.json")
-    model.atomic_save(dict(model={"w": torch.ones(3)}, config={}, step=1), ckpt)
+    checkpoint.atomic_save(dict(model={"w": torch.ones(3)}, config={}, step=1), ckpt)
     mem = Memory()
     mem.step = 1
     mem.save(mem_path)
@@ -183,16 +183,16 @@ def test_interrupted_saves_leave_previous_files_loadable(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", dying_torch_save)
     monkeypatch.setattr(memory_mod.json, "dump", dying_json_dump)
     with pytest.raises(Died):
-        model.atomic_save(dict(model={"w": torch.zeros(3)}, config={}, step=2), ckpt)
+        checkpoint.atomic_save(dict(model={"w": torch.zeros(3)}, config={}, step=2), ckpt)
     mem.step = 2
     with pytest.raises(Died):
         mem.save(mem_path)
     monkeypatch.undo()
-    loaded = model.load_checkpoint(ckpt)  # weights_only=True inside
+    loaded = checkpoint.load_checkpoint(ckpt)  # weights_only=True inside
     assert loaded["step"] == 1 and torch.equal(loaded["model"]["w"], torch.ones(3))
     assert Memory.load(mem_path).step == 1
-    model.atomic_save(dict(model={"w": torch.zeros(3)}, config={}, step=3), ckpt)  # the next save goes through
-    assert model.load_checkpoint(ckpt)["step"] == 3
+    checkpoint.atomic_save(dict(model={"w": torch.zeros(3)}, config={}, step=3), ckpt)  # the next save goes through
+    assert checkpoint.load_checkpoint(ckpt)["step"] == 3
 
 
 def test_checkpoints_load_with_weights_only(ref):
@@ -417,7 +417,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(ref, tmp_path, monkeypatc
         assert same(seen[2][who], seen[3][who])  # step 3 (NaN loss) skipped
         assert not same(seen[3][who], seen[4][who])  # step 4 updated
         assert same(seen[4][who], seen[5][who])  # step 5 (NaN gradient) skipped
-    ckpt = model.load_checkpoint(str(out / "ckpt.pt"), train.RESUME_KEYS)  # the last good checkpoint
+    ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"), checkpoint.RESUME_KEYS)  # the last good checkpoint
     assert ckpt["step"] == 4 and same(list(ckpt["model"].values()), seen[4][0])
     assert all(s["step"] == 3 for s in ckpt["optimizer"]["state"].values())  # optimizer stepped on 1, 2 and 4 only
     assert Memory.load(str(out / "memory.json")).step == ckpt["memory_step"] == 4
