@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 
 LEVELS = ("experience", "insight", "pattern")
-SETTINGS = dict(  # defaults; train.py's config is the source of truth for a run
+SETTINGS = dict(  # defaults; a run's come from config.py (memory.settings_of)
     max_families=256,  # families kept (least recently updated evicted first)
     max_experiences=8,  # raw trajectories kept per family (failures evicted before successes)
     max_insights=16,  # strategies and lessons kept per family (weakest evidence evicted first)

@@ -80,8 +80,8 @@ def pass_at_k(model, task, problems, c, device):
 
 
 def headroom(model, task, c):
-    """Right after warm-up: the student without memory against the teacher given each memory level of a reference
-    memory (pmd.reference_memory), on both evaluation sets. An unseen family has no experience or insight of its own."""
+    """Right after warm-up: the student without memory against the teacher given each level of a reference memory
+    (warmup.reference_memory), on both evaluation sets. An unseen family has no experience or insight of its own."""
     mem, rows = reference_memory(task, settings_of(c), c.seed), {}
     for name in HELDOUT:
         probs = getattr(task, name)

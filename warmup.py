@@ -153,7 +153,7 @@ def warmup(c, task, device):
 
 
 def train_warmup(model, c, task, device):
-    """Supervised steps on fresh warm-up families (pmd.warmup_example) in three phases: executing a plan with no
+    """Supervised steps on fresh warm-up families (warmup_example) in three phases: executing a plan with no
     context (the first 5/12 of the steps), reading memories richer in right attempts than RL's (to 11/12), then the mix
     RL's memories have. Execution first is what makes the warm-up reliable. reflect=model adds reflection to the
     last two."""
