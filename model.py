@@ -136,7 +136,7 @@ class GPT(nn.Module):
 def n_params(cfg):
     """The parameter count of GPT(cfg), without building it (settings are checked before any work, and may be huge)."""
     C = cfg.n_embd
-    return VOCAB_SIZE * C + cfg.n_layer * (12 * C * C + 13 * C) + 2 * C
+    return VOCAB_SIZE * C + cfg.n_layer * (12 * C * C + 9 * C) + 2 * C  # no bias in qkv and proj
 
 
 # -----------------------------------------------------------------------------

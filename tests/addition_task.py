@@ -43,13 +43,15 @@ def true_plan(a, b):
 
 
 def scratchpad(a, b, plan):
-    cols = [f"{x}+{y}" + ("+1" if op == "adc" else "") + f"={s}" for x, y, op, s in zip(reversed(a), reversed(b), plan, column_sums(a, b, plan))]
+    cols = [f"{x}+{y}" + ("+1" if op == "adc" else "") + f"={s}"
+            for x, y, op, s in zip(reversed(a), reversed(b), plan, column_sums(a, b, plan))]
     return "|".join(cols) + "|" + assemble(column_sums(a, b, plan)) + "\n"
 
 
 class AdditionTask:
     def __init__(self, digits=(2, 3), n_train=8, n_heldout=4, seed=0, n_unseen=1):
-        if not digits or any(not 1 <= d <= 6 for d in digits) or len(digits) > len(GROUPS) or n_train < 1 or n_heldout < 1:
+        if (not digits or any(not 1 <= d <= 6 for d in digits) or len(digits) > len(GROUPS) or n_train < 1
+                or n_heldout < 1):
             raise ValueError("addition task: need 1 <= digits <= 6 and n_train, n_heldout >= 1")
         self.digits = tuple(digits)
         self.max_completion = 9 * max(digits) + max(digits) + 2  # 'x+y+1=ss|' per column, the answer, newline
@@ -83,7 +85,8 @@ class AdditionTask:
 
     @staticmethod
     def _problem(fam, group, a, b):
-        return Problem(pid=f"{fam}:{a}+{b}", family=fam, group=group, prompt=f"{fam}:{a}+{b}>", solution=scratchpad(a, b, true_plan(a, b)))
+        return Problem(pid=f"{fam}:{a}+{b}", family=fam, group=group, prompt=f"{fam}:{a}+{b}>",
+                       solution=scratchpad(a, b, true_plan(a, b)))
 
     @staticmethod
     def operands(problem):
@@ -138,8 +141,9 @@ class AdditionTask:
         return problem.solution
 
     def attempt(self, problem, rng, p_right=0.4, p_lucky=0.0, p_slip=0.1):
-        """A plausible attempt: the right carry plan or a random one, written faithfully or with one slipped sum. A wrong
-        carry plan never gives the right sum, so there is no lucky pass to draw (p_lucky is accepted and has no effect)."""
+        """A plausible attempt: the right carry plan or a random one, written faithfully or with one slipped sum. A
+        wrong carry plan never gives the right sum, so there is no lucky pass to draw (p_lucky is accepted and has no
+        effect)."""
         a, b = self.operands(problem)
         plan = list(true_plan(a, b))
         if rng.random() > p_right:

@@ -109,7 +109,8 @@ def test_each_method_runs_on_the_addition_task(add_runs, method):
 
 
 class DocumentedInterface:
-    """Exactly the interface verify.py's docstring lists, no more: attempt(problem, rng, p_right, p_lucky) takes no p_slip."""
+    """Exactly the interface verify.py's docstring lists, no more: attempt(problem, rng, p_right, p_lucky) takes no
+    p_slip."""
 
     def __init__(self, inner):
         self.inner, self.train, self.heldout, self.unseen = inner, inner.train, inner.heldout, inner.unseen
@@ -139,8 +140,15 @@ def test_loop_needs_only_the_documented_interface(tmp_path):
 
 
 def test_warmup_cache_distinguishes_task_settings(tmp_path):
-    """Two tasks of the same class but different problems (2-digit vs 4-digit) get different warm-up checkpoints."""
+    """Two tasks of the same class and completion length whose problems differ (another seed) get different warm-up
+    checkpoints: only the problems tell them apart. The same task again loads its own."""
     c = config.parse_args(TINY + ["--warmup_steps=1", f"--cache_dir={tmp_path}"])
-    for digits in ((2,), (4,)):
-        quiet(warmup.warmup, c, AdditionTask(digits=digits, n_train=4, n_heldout=2), "cpu")
+    tasks = [AdditionTask(digits=(2,), n_train=4, n_heldout=2, seed=s) for s in (0, 1)]
+    assert tasks[0].max_completion == tasks[1].max_completion and [p.pid for p in tasks[0].train] != [
+        p.pid for p in tasks[1].train]
+    for task in tasks:
+        _, printed = quiet(warmup.warmup, c, task, "cpu")
+        assert "warm-up: loaded" not in printed
     assert len(glob.glob(str(tmp_path / "warmup-*.pt"))) == 2
+    _, printed = quiet(warmup.warmup, c, AdditionTask(digits=(2,), n_train=4, n_heldout=2, seed=1), "cpu")
+    assert "warm-up: loaded" in printed and len(glob.glob(str(tmp_path / "warmup-*.pt"))) == 2

@@ -3,7 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model import GPT, GPTConfig, encode
 from pmd import distill_loss, divergence, grpo_advantages, pg_loss, token_logprobs, topk_with_tail
+from warmup import sft_loss
 
 B, L, V = 3, 5, 256
 
@@ -164,7 +166,8 @@ def test_is_clip_weight_is_detached():
     s, t = logits(0), logits(1)
     tg, m = targets_and_mask()
     x, y = s.clone().requires_grad_(), s.clone().requires_grad_()
-    (g_clip,) = torch.autograd.grad(distill_loss(x, t, tg, m, alpha=0.0, logp_old=torch.full((B, L), -50.0), is_clip=3.0), x)
+    tiny_old = torch.full((B, L), -50.0)
+    (g_clip,) = torch.autograd.grad(distill_loss(x, t, tg, m, alpha=0.0, logp_old=tiny_old, is_clip=3.0), x)
     (g_base,) = torch.autograd.grad(distill_loss(y, t, tg, m, alpha=0.0), y)
     torch.testing.assert_close(g_clip, 3.0 * g_base)
 
@@ -239,6 +242,33 @@ def test_clipped_pg_loss_matches_the_plain_one_at_the_sampler_and_stops_past_the
     torch.testing.assert_close(grads[1][0], -(adv[:, None] * m).sum() / m.sum())  # the surrogate at ratio 1: -mean(adv)
     x = s.clone().requires_grad_(True)
     lp = token_logprobs(x, tg)
-    old = lp.detach() - torch.tensor([0.5, -0.5, 0.0])[:, None]  # ratio e^0.5 for rollout 0 (adv > 0), e^-0.5 for 1 (adv < 0)
+    # ratio e^0.5 for rollout 0 (adv > 0), e^-0.5 for 1 (adv < 0)
+    old = lp.detach() - torch.tensor([0.5, -0.5, 0.0])[:, None]
     pg_loss(lp, adv, m, old).backward()
     assert x.grad[:2].abs().sum() == 0 and x.grad[2].abs().sum() > 0  # rollout 2 (ratio 1) still learns
+
+
+# -- sft_loss: the warm-up's, replay's and rft's cross-entropy ----------------------------------------------
+
+
+def test_sft_loss_is_the_mean_cross_entropy_of_the_completion_tokens_alone():
+    """sft_loss: each completion token's cross-entropy given everything before it (context, prompt, the completion so
+    far), averaged over all the batch's completion tokens; context and prompt tokens are read, never scored."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(64, 1, 2, 16))
+    with torch.no_grad():
+        model.wte.weight.mul_(20)  # a sharp model: tokens' losses differ, so what is averaged shows
+    examples = [("=A1:ab>rev|ba 1\n", "A1:ab>", "rev|ba\n"), ("", "B22:abc>", "x\n"),
+                ("#C3 ok rol 2\n", "C3:a>", "rol|a\n")]
+    scored, everything = [], []
+    with torch.no_grad():
+        for ctx, prompt, completion in examples:
+            seq, k = encode(ctx + prompt + completion), len(encode(ctx + prompt))
+            nll = -F.log_softmax(model(torch.tensor([seq]))[0, :-1], -1).gather(1, torch.tensor(seq[1:])[:, None])[:, 0]
+            scored += nll[k - 1 :].tolist()  # the positions that predict a completion token
+            everything += nll.tolist()
+        got = sft_loss(model, examples, "cpu").item()
+    assert got == pytest.approx(sum(scored) / len(scored), rel=1e-5)
+    assert got != pytest.approx(sum(everything) / len(everything), rel=1e-3)  # the prefix is not scored
+    per_example = [sum(scored[:7]) / 7, sum(scored[7:9]) / 2, sum(scored[9:]) / 6]
+    assert len(scored) == 15 and got != pytest.approx(sum(per_example) / 3, rel=1e-3)  # a token mean

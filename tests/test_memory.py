@@ -2,12 +2,10 @@
 JSON save / load, and `python report.py FILE`."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, problem, rollout, subprocess_env
+from conftest import problem, rollout, run_script
 from memory import Memory, clean
 from verify import clusters
 
@@ -41,7 +39,8 @@ def test_update_stores_experiences():
     r1, r0 = rollout(p, 1, X), rollout(p, 0, Y)
     mem = feed(Memory(), r1, r0)
     exps = mem.experience["A10"]
-    assert [(e["pid"], e["reward"], e["feedback"]) for e in exps] == [("A10:abc", 1, "ok"), ("A10:abc", 0, "wrong plan")]
+    assert [(e["pid"], e["reward"], e["feedback"]) for e in exps] == [("A10:abc", 1, "ok"),
+                                                                      ("A10:abc", 0, "wrong plan")]
     assert exps[0]["text"] == clean(p.prompt + r1.completion, 10**6) and mem.groups["A10"] == "A"
 
 
@@ -77,11 +76,13 @@ def test_family_cap_evicts_least_recently_updated():
 
 
 def test_reflect_pass_agrees_fail_contradicts_unfaithful_adds_nothing():
-    """A passing faithful trace agrees with its strategy, a failing one contradicts, an unfaithful one is no evidence."""
+    """A passing faithful trace agrees with its strategy, a failing one contradicts, an unfaithful one is no
+    evidence."""
     mem = feed(Memory(), rollout(problem("A10", "a"), 1, X), rollout(problem("A10", "b"), 0, Y),
                rollout(problem("A11", "a"), 0, None, feedback="step 2 wrong"))
-    assert mem.insight["A10"]["rev,inc,swp"]["agree"] == ["A10:a"] and not mem.insight["A10"]["rev,inc,swp"]["contradict"]
-    assert mem.insight["A10"]["rev,mir,rol"]["contradict"] == ["A10:b"] and not mem.insight["A10"]["rev,mir,rol"]["agree"]
+    x, y = mem.insight["A10"]["rev,inc,swp"], mem.insight["A10"]["rev,mir,rol"]
+    assert x["agree"] == ["A10:a"] and not x["contradict"]
+    assert y["contradict"] == ["A10:b"] and not y["agree"]
     assert not mem.insight.get("A11") and len(mem.experience["A11"]) == 1
 
 
@@ -109,7 +110,8 @@ def test_equal_evidence_retires_a_strategy():
 
 
 def test_retired_strategy_is_not_revived_by_inputs_it_already_passed_on():
-    """Re-passing inputs already counted (no new evidence) does not turn a retired 2-pass / 2-fail strategy into a confirmed one."""
+    """Re-passing inputs already counted (no new evidence) does not turn a retired 2-pass / 2-fail strategy into a
+    confirmed one."""
     # evidence is counted over distinct inputs (README); the RL loop re-samples the same training problems all the time
     mem = Memory()
     feed(mem, rollout(problem("A10", "a"), 1, X), rollout(problem("A10", "b"), 1, X))
@@ -132,7 +134,8 @@ def test_insight_cap_evicts_lessons_first_then_weakest():
 def test_insight_count_is_capped_at_nine():
     """The rendered evidence count never exceeds 9 (one token), while the stored evidence keeps counting."""
     mem = confirm(Memory(), "A10", X, [f"s{i}" for i in range(12)])
-    assert "#A10 ok rev,inc,swp 9" in lines(mem.render(problem("A10", "z"))) and len(mem.insight["A10"]["rev,inc,swp"]["agree"]) == 12
+    assert "#A10 ok rev,inc,swp 9" in lines(mem.render(problem("A10", "z")))
+    assert len(mem.insight["A10"]["rev,inc,swp"]["agree"]) == 12
 
 
 # -- pattern ------------------------------------------------------------------------------------------------
@@ -186,27 +189,31 @@ def test_patterns_are_kept_per_cluster_and_an_unseen_family_gets_each_clusters_b
     """A family belongs to several clusters; each keeps the steps its confirmed families share. A family never seen,
     made of known characters, renders its clusters' patterns composed into one plan."""
     mem = Memory()
-    for fam, plan in (("A10", ("rev", "inc", "swp")), ("A21", ("rev", "mir", "rol")), ("B11", ("inc", "inc", "rol")), ("B20", ("inc", "mir", "swp"))):
+    for fam, plan in (("A10", ("rev", "inc", "swp")), ("A21", ("rev", "mir", "rol")), ("B11", ("inc", "inc", "rol")),
+                      ("B20", ("inc", "mir", "swp"))):
         feed(mem, *(rollout(clustered(fam, s), 1, plan) for s in ("a", "b")))
     assert mem.pattern["A**"] == {"1:rev": dict(support=["A10", "A21"], against=[])}
     assert mem.pattern["*1*"] == {"2:inc": dict(support=["A10", "B11"], against=[])}
     assert mem.pattern["**0"] == {"3:swp": dict(support=["A10", "B20"], against=[])}
-    assert mem.render(clustered("A11", "zz")) == "#A11 via rev,inc,rol 2\n"  # each step from the cluster that governs it
+    assert mem.render(clustered("A11", "zz")) == "#A11 via rev,inc,rol 2\n"  # each step from its own cluster
     assert mem.render(clustered("C99", "zz")) == ""
     small = Memory(max_families=3)
     for fam in ("A10", "A21", "B11", "B20"):
         feed(small, *(rollout(clustered(fam, s), 1, X) for s in ("a", "b")))
-    assert "A10" not in small.groups and all("A10" not in fams for fams in small.members.values())  # evicted from every cluster
+    assert "A10" not in small.groups  # and evicted from every cluster
+    assert all("A10" not in fams for fams in small.members.values())
 
 
 def test_composed_pattern_takes_the_best_supported_step_and_its_weakest_count():
     """Where clusters' patterns disagree on a step, the one with more support wins; a step no pattern names is '?'; the
     line's count is the weakest support among the steps it names."""
     mem = Memory()
-    for fam, plan in (("A10", ("rev", "inc", "swp")), ("A21", ("rev", "mir", "swp")), ("A32", ("rev", "rol", "swp")), ("B13", ("inc", "inc", "rol")),
+    for fam, plan in (("A10", ("rev", "inc", "swp")), ("A21", ("rev", "mir", "swp")), ("A32", ("rev", "rol", "swp")),
+                      ("B13", ("inc", "inc", "rol")),
                       ("C13", ("mir", "inc", "rol"))):
         feed(mem, *(rollout(clustered(fam, s), 1, plan) for s in ("a", "b")))
-    # A**: 1:rev and 3:swp (3 families); *1*: 2:inc (A10, B13, C13); **3: 2:inc and 3:rol (B13, C13), and 3:rol loses to 3:swp
+    # A**: 1:rev and 3:swp (3 families); *1*: 2:inc (A10, B13, C13); **3: 2:inc and 3:rol (B13, C13), and 3:rol
+    # loses to 3:swp
     assert mem.compose(clustered("A13", "z")) == "#A13 via rev,inc,swp 3"
     assert mem.compose(clustered("A33", "z")) == "#A33 via rev,inc,swp 2"  # step 2 only from **3: support 2
     assert mem.compose(clustered("A99", "z")) == "#A99 via rev,?,swp 3"
@@ -217,10 +224,12 @@ def test_composed_pattern_takes_the_best_supported_step_and_its_weakest_count():
 
 
 def rich_memory(**settings):
-    """Family A10 with 5 successes, 3 failures, 3 strategies and 2 lessons; group A with 3 patterns (A10, A11 share X)."""
+    """Family A10 with 5 successes, 3 failures, 3 strategies and 2 lessons; group A with 3 patterns (A10, A11 share
+    X)."""
     mem = Memory(**settings)
     confirm(mem, "A10", X, ("a", "b", "c"))
-    feed(mem, rollout(problem("A10", "d"), 0, Y), rollout(problem("A10", "e"), 0, Z), rollout(problem("A10", "f"), 0, Z))
+    feed(mem, rollout(problem("A10", "d"), 0, Y), rollout(problem("A10", "e"), 0, Z),
+         rollout(problem("A10", "f"), 0, Z))
     feed(mem, rollout(problem("A10", "g"), 1, W))
     feed(mem, rollout(problem("A10", "h"), 1, V))
     confirm(mem, "A11", X)
@@ -229,12 +238,14 @@ def rich_memory(**settings):
 
 def kinds(text):
     ls = lines(text)
-    return (sum(l.startswith("=") for l in ls), sum(l.startswith(("#A10 ok", "#A10 bad")) for l in ls), sum(l.startswith("#A10 via") for l in ls))
+    return (sum(line.startswith("=") for line in ls), sum(line.startswith(("#A10 ok", "#A10 bad")) for line in ls),
+            sum(line.startswith("#A10 via") for line in ls))
 
 
 def test_render_line_caps_per_level():
     """Each level renders at most its cap of lines (experience, insight, pattern)."""
-    assert kinds(rich_memory(budget=10**6).render(problem("A10", "z"))) == (2, 1, 1)  # the default caps (2, 3, 1); one strategy
+    # the default caps (2, 3, 1); one strategy
+    assert kinds(rich_memory(budget=10**6).render(problem("A10", "z"))) == (2, 1, 1)
     assert kinds(rich_memory(budget=10**6, lines=(1, 2, 1)).render(problem("A10", "z"))) == (1, 1, 1)
     assert kinds(rich_memory(budget=10**6, lines=(0, 0, 1)).render(problem("A10", "z"))) == (0, 0, 1)
 
@@ -252,7 +263,8 @@ def test_render_shows_the_strongest_strategy_alone():
 
 def test_lessons_are_shown_only_while_no_strategy_has_passed():
     """A family with only failed strategies renders its lessons, strongest first; once one passes, only strategies."""
-    mem = feed(Memory(), rollout(problem("A20", "a"), 0, Y), rollout(problem("A20", "b"), 0, Z), rollout(problem("A20", "c"), 0, Z))
+    mem = feed(Memory(), rollout(problem("A20", "a"), 0, Y), rollout(problem("A20", "b"), 0, Z),
+               rollout(problem("A20", "c"), 0, Z))
     assert lines(mem.render(problem("A20", "z"), ("insight",))) == ["#A20 bad inc,swp,rev 2", "#A20 bad rev,mir,rol 1"]
     feed(mem, rollout(problem("A20", "d"), 1, X))
     assert lines(mem.render(problem("A20", "z"), ("insight",))) == ["#A20 ok rev,inc,swp 1"]
@@ -279,7 +291,8 @@ def test_tight_budget_keeps_the_best_insight():
     assert rich_memory(budget=len("#A10 ok rev,inc,swp 3\n")).render(problem("A10", "z")) == "#A10 ok rev,inc,swp 3\n"
 
 
-@pytest.mark.parametrize("levels,prefix", [(("experience",), "="), (("insight",), "#A10 ok"), (("pattern",), "#A10 via ")])
+@pytest.mark.parametrize("levels,prefix", [(("experience",), "="), (("insight",), "#A10 ok"),
+                                           (("pattern",), "#A10 via ")])
 def test_render_levels_argument(levels, prefix):
     """render(levels=...) shows only the levels asked for."""
     out = lines(rich_memory(budget=10**6).render(problem("A10", "z"), levels))
@@ -369,20 +382,6 @@ def test_load_missing_file_or_directory_raises_value_error(tmp_path):
         assert path in str(e.value)
 
 
-def _cli(path):
-    return subprocess.run([sys.executable, "report.py", path], cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
-
-
-def test_cli_prints_the_three_levels(tmp_path):
-    """`python report.py FILE` describes each cluster's patterns, then each family's strategies, lessons and traces."""
-    path = str(tmp_path / "memory.json")
-    rich_memory().save(path)
-    r = _cli(path)
-    assert r.returncode == 0, r.stderr
-    assert "patterns (per cluster of families)" in r.stdout and "A        step 1:rev shared by A10, A11" in r.stdout and "family A10 (A)" in r.stdout
-    assert "strategy rev,inc,swp" in r.stdout and "lesson   inc,swp,rev" in r.stdout and "trace    A10:a>" in r.stdout
-
-
 def _corrupt_cli_file(tmp_path, case):
     if case == "non-string support":  # valid JSON of the right shape, but a pattern lists numbers, not families
         path, d = _saved(tmp_path)
@@ -392,11 +391,81 @@ def _corrupt_cli_file(tmp_path, case):
     return _write_corrupt(tmp_path, case)
 
 
-@pytest.mark.parametrize("case", ["truncated", "json list", "deeply nested", "non-string support"])
-def test_cli_on_corrupt_file_is_one_error_line(tmp_path, case):
+CLI_CORRUPT = ["truncated", "json list", "deeply nested", "non-string support"]
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """`python report.py FILE` on a sound memory file ("sound") and on each CLI_CORRUPT case: case -> (the file, the
+    finished script)."""
+    paths = {}
+    for case in ["sound", *CLI_CORRUPT]:
+        d = tmp_path_factory.mktemp("cli")
+        if case == "sound":
+            paths[case] = str(d / "memory.json")
+            rich_memory().save(paths[case])
+        else:
+            paths[case] = _corrupt_cli_file(d, case)
+    return {case: (path, run_script("report.py", [path])) for case, path in paths.items()}
+
+
+def test_cli_prints_the_three_levels(cli):
+    """`python report.py FILE` describes each cluster's patterns, then each family's strategies, lessons and traces."""
+    _, r = cli["sound"]
+    assert r.returncode == 0, r.stderr
+    assert "patterns (per cluster of families)" in r.stdout and "A        step 1:rev shared by A10, A11" in r.stdout
+    assert "family A10 (A)" in r.stdout
+    assert "strategy rev,inc,swp" in r.stdout and "lesson   inc,swp,rev" in r.stdout and "trace    A10:a>" in r.stdout
+
+
+@pytest.mark.parametrize("case", CLI_CORRUPT)
+def test_cli_on_corrupt_file_is_one_error_line(cli, case):
     """On a damaged file the CLI exits non-zero with one 'error: ...' line naming it and no traceback."""
-    path = _corrupt_cli_file(tmp_path, case)
-    r = _cli(path)
+    path, r = cli[case]
     err = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(err) == 1 and err[0].startswith("error: ") and path in err[0], r.stderr[-500:]
     assert "Traceback" not in r.stderr
+
+
+# -- caps: evidence per insight side, patterns per cluster; the composed plan's tie-break ---------------------
+
+
+def test_evidence_is_capped_at_max_evidence_keeping_the_most_recent():
+    """Each side of an insight remembers at most max_evidence inputs, the most recent (an input seen again moves to the
+    end); what was forgotten no longer counts in the rendered net evidence."""
+    mem = confirm(Memory(max_evidence=3), "A10", X, ("a", "b", "c", "d", "e"))
+    item = mem.insight["A10"]["rev,inc,swp"]
+    assert item["agree"] == ["A10:c", "A10:d", "A10:e"]
+    confirm(mem, "A10", X, ("c",))
+    assert item["agree"] == ["A10:d", "A10:e", "A10:c"]
+    feed(mem, *(rollout(problem("A10", s), 0, X) for s in ("f", "g", "h", "i")))
+    assert item["contradict"] == ["A10:g", "A10:h", "A10:i"] and mem.confirmed("A10") is None
+    assert len(confirm(Memory(), "A10", X, [f"s{i}" for i in range(40)]).insight["A10"]["rev,inc,swp"]["agree"]) == 32
+
+
+def test_patterns_are_capped_at_max_patterns_most_supported_first():
+    """Over max_patterns, a cluster keeps its most supported patterns; between equals, the first found (its first
+    family's earliest step)."""
+    plans = (("A10", ("rev", "inc", "swp")), ("A11", ("rev", "inc", "rol")), ("A12", ("rev", "mir", "rol")))
+    kept = {}
+    for cap in (1, 2, 8):
+        mem = Memory(max_patterns=cap)
+        for fam, plan in plans:
+            confirm(mem, fam, plan)
+        kept[cap] = {k: p["support"] for k, p in mem.pattern["A"].items()}
+    assert kept[8] == {"1:rev": ["A10", "A11", "A12"], "2:inc": ["A10", "A11"], "3:rol": ["A11", "A12"]}
+    assert kept[2] == {"1:rev": ["A10", "A11", "A12"], "2:inc": ["A10", "A11"]}
+    assert kept[1] == {"1:rev": kept[8]["1:rev"]}
+
+
+def test_composed_pattern_breaks_a_tie_for_the_first_cluster_of_the_problems_group():
+    """Two clusters name step 2 with equal support: the first cluster in the problem's group wins; listing them the
+    other way round flips the step."""
+    mem = Memory()
+    for fam, plan in (("A20", ("rev", "inc", "swp")), ("A32", ("rev", "inc", "rol")), ("B11", ("inc", "mir", "rol")),
+                      ("C13", ("mir", "mir", "swp"))):
+        feed(mem, *(rollout(clustered(fam, s), 1, plan) for s in ("a", "b")))
+    assert mem.pattern["A**"]["2:inc"]["support"] == ["A20", "A32"] and mem.pattern["*1*"] == {
+        "2:mir": dict(support=["B11", "C13"], against=[])}
+    assert mem.compose(problem("A15", "z", "A** *1* **5")) == "#A15 via rev,inc,? 2"
+    assert mem.compose(problem("A15", "z", "*1* A** **5")) == "#A15 via rev,mir,? 2"

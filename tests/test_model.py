@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import EOS, GPT, PAD, VOCAB_SIZE, GPTConfig, completion_logits, completion_logits_shared, decode, encode, generate
+from model import (EOS, GPT, PAD, VOCAB_SIZE, GPTConfig, completion_logits, completion_logits_shared, decode, encode,
+                   generate, n_params)
 
 PROMPT_LENS = (1, 4, 9, 2)
 MAX_NEW = 12
@@ -122,13 +123,22 @@ def test_tokenizer_round_trips_utf8():
 
 
 def test_shared_prefix_scoring_equals_scoring_each_row():
-    """The teacher's path: prefixes that repeat (a group's shared context) run once; the logits match the full forward."""
+    """The teacher's path: prefixes that repeat (a group's shared context) run once; the logits match the full
+    forward."""
     model, rng = tiny_gpt(), random.Random(3)
     distinct = [[rng.randrange(1, VOCAB_SIZE) for _ in range(n)] for n in (1, 7, 19)]
     prefixes = [distinct[i % 3] for i in range(9)]
     completions = [[rng.randrange(1, VOCAB_SIZE) for _ in range(rng.choice((1, 2, 6, 11)))] for _ in range(9)]
-    (a, ta), (b, tb) = completion_logits(model, prefixes, completions, "cpu"), completion_logits_shared(model, prefixes, completions, "cpu")
+    a, ta = completion_logits(model, prefixes, completions, "cpu")
+    b, tb = completion_logits_shared(model, prefixes, completions, "cpu")
     assert torch.equal(ta, tb) and a.shape == b.shape
     torch.testing.assert_close(a[ta >= 0], b[tb >= 0], atol=1e-4, rtol=1e-4)
-    one = completion_logits_shared(model, prefixes[:2], [[5], [6]], "cpu")[0]  # one-token completions: the prefill alone
+    one = completion_logits_shared(model, prefixes[:2], [[5], [6]], "cpu")[0]  # one-token completions: the prefill
     torch.testing.assert_close(one, completion_logits(model, prefixes[:2], [[5], [6]], "cpu")[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cfg", [GPTConfig(64, 1, 2, 32), GPTConfig(256, 3, 4, 128), GPTConfig(16, 2, 1, 8),
+                                 GPTConfig(8, 4, 6, 36)], ids=str)
+def test_n_params_is_the_parameter_count_of_the_built_model(cfg):
+    """config.check_fit sizes a model before building it: n_params(cfg) is what GPT(cfg) holds (the head is tied)."""
+    assert n_params(cfg) == sum(p.numel() for p in GPT(cfg).parameters())

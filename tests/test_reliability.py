@@ -4,11 +4,11 @@ and the non-finite-step guard. Tiny CPU runs; every subprocess gets OMP_NUM_THRE
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -24,6 +24,7 @@ from memory import LEVELS, Memory  # noqa: E402
 from model import decode  # noqa: E402
 from pmd import Rollout  # noqa: E402
 from verify import HiddenProcedures  # noqa: E402
+from conftest import run_script  # noqa: E402
 
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--warmup_steps=3", "--warmup_batch=8", "--prompts_per_step=2",
         "--group_size=2", "--replay=2", "--n_train=4", "--n_heldout=2", "--device=cpu"]
@@ -31,16 +32,19 @@ RUN = TINY + ["--steps=6", "--eval_interval=2"]
 
 # test-side wrappers around train.main (nothing test-only lives in train.py); PMD_TEST_MODE picks one
 WRAPPER = f"""
-import io, os, signal, sys, time
+import io, os, signal, sys
 sys.path.insert(0, {REPO!r})
 import torch, train
 mode = os.environ["PMD_TEST_MODE"]
-if mode == "slow":  # a quarter second per step, so that a SIGKILL from outside lands mid-run
-    step = train.step
-    def slow(*a, **k):
-        time.sleep(0.25)
-        return step(*a, **k)
-    train.step = slow
+if mode == "kill_after_step_3":  # SIGKILL mid-run: right after step 3, a step past the step-2 checkpoint
+    step, done = train.step, []
+    def dying_step(*a, **k):
+        out = step(*a, **k)
+        done.append(1)
+        if len(done) == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    train.step = dying_step
 if mode == "kill_mid_save":  # SIGKILL half-way through writing step 4's checkpoint
     save = torch.save
     def dying(obj, f, *a, **k):
@@ -63,7 +67,8 @@ def env(hashseed):
 
 def popen(args, hashseed=0, script="train.py", mode=None):
     e = env(hashseed) if mode is None else dict(env(hashseed), PMD_TEST_MODE=mode)
-    return subprocess.Popen([sys.executable, script, *args], cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, script, *args], cwd=REPO, env=e, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def dirs(out, cache):
@@ -88,9 +93,11 @@ def ref(tmp_path_factory):
     return r
 
 
-def assert_same_run(x, y):
+def assert_same_run(x, y, teacher=True):
+    """Two run directories hold the same run, bit for bit; teacher=False: a live teacher (the student), never saved."""
     a, b = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (x, y))
-    for key in ("model", "teacher"):
+    assert ("teacher" in a, "teacher" in b) == (teacher, teacher)
+    for key in ("model", "teacher") if teacher else ("model",):
         assert a[key].keys() == b[key].keys()
         assert all(torch.equal(a[key][n], b[key][n]) for n in a[key]), key
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
@@ -108,20 +115,18 @@ def assert_same_run(x, y):
 
 
 def test_resume_after_sigkill_is_bit_exact(ref, tmp_path):
+    """Two runs SIGKILLed at points chosen in advance (no clock involved): a, right after step 3 (its step-2 checkpoint
+    written, step 3's work lost); b, half-way through writing step 4's checkpoint. Each resumed ends as the run that
+    was never interrupted."""
     a, b = tmp_path / "a", tmp_path / "b"
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(WRAPPER)
-    pa = popen(RUN + dirs(a, ref.cache), hashseed=2, script=str(wrapper), mode="slow")
+    pa = popen(RUN + dirs(a, ref.cache), hashseed=2, script=str(wrapper), mode="kill_after_step_3")
     pb = popen(RUN + dirs(b, ref.cache), hashseed=3, script=str(wrapper), mode="kill_mid_save")
-    deadline = time.time() + 60  # a: SIGKILL from outside as soon as a checkpoint at step >= 2 exists
-    while pa.poll() is None and time.time() < deadline:
-        if ckpt_step(a) >= 2:
-            os.kill(pa.pid, signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    pa.communicate(timeout=60), pb.communicate(timeout=60)
+    pa.communicate(timeout=120), pb.communicate(timeout=120)
     assert pa.returncode == pb.returncode == -signal.SIGKILL
-    assert 2 <= ckpt_step(a) < 6
+    # a died after step 3: the step-2 checkpoint and the evaluations up to step 2 are all there is
+    assert ckpt_step(a) == 2 and [json.loads(line)["step"] for line in open(a / "metrics.jsonl")] == [0, 2]
     # b died half-way through writing step 4's checkpoint, after logging step 4: the step-2 checkpoint is intact
     assert ckpt_step(b) == 2 and any(f.endswith(".tmp") for f in os.listdir(b))
     assert json.loads(open(b / "metrics.jsonl").readlines()[-1])["step"] == 4
@@ -148,10 +153,58 @@ def test_co_evolution_variants_freeze_what_they_say_and_resume_exactly(ref, tmp_
     assert all(torch.equal(ckpt["model"][k], warm[k]) for k in warm)
     grown = Memory.load(str(tmp_path / "x" / "memory.json"))
     assert grown.step == 4 and grown.experience
-    train.main(RUN + ["--steps=4", "--memory_steps=0", f"--memory_init={tmp_path / 'x' / 'memory.json'}"] + dirs(tmp_path / "z", ref.cache))
+    train.main(RUN + ["--steps=4", "--memory_steps=0", f"--memory_init={tmp_path / 'x' / 'memory.json'}"]
+               + dirs(tmp_path / "z", ref.cache))
     assert Memory.load(str(tmp_path / "z" / "memory.json")).state() == grown.state()
     trained = torch.load(tmp_path / "z" / "ckpt.pt", weights_only=True)["model"]
     assert not all(torch.equal(trained[k], warm[k]) for k in warm)
+
+
+@pytest.mark.parametrize("teacher", ["live", "frozen"])
+def test_live_and_frozen_teachers_train_and_resume_exactly(ref, tmp_path, monkeypatch, teacher):
+    """--teacher=live: the student is its own teacher (no teacher weights saved); --teacher=frozen: a copy of the
+    warm-up's weights, never updated, saved and restored. A run resumed half-way ends as one that ran straight
+    through."""
+    teachers, real = [], train.start
+    monkeypatch.setattr(train, "start", lambda *a, **k: teachers.append(real(*a, **k)) or teachers[-1])
+    args = RUN + [f"--teacher={teacher}", "--method=pmd"]
+    train.main(args + ["--steps=4"] + dirs(tmp_path / "x", ref.cache))
+    train.main(args + ["--steps=2"] + dirs(tmp_path / "y", ref.cache))
+    train.main(args + ["--steps=4", "--init_from=resume"] + dirs(tmp_path / "y", ref.cache))
+    assert_same_run(tmp_path / "x", tmp_path / "y", teacher=teacher != "live")
+    assert all((run.teacher is run.model) == (teacher == "live") for run in teachers) and len(teachers) == 3
+    ckpt = torch.load(tmp_path / "x" / "ckpt.pt", weights_only=True)
+    warm = torch.load(next(ref.cache.glob("warmup-*.pt")), weights_only=True)["model"]
+    assert not all(torch.equal(ckpt["model"][k], warm[k]) for k in warm)  # the student trained
+    if teacher == "frozen":
+        assert all(torch.equal(ckpt["teacher"][k], warm[k]) for k in warm)
+        assert all(torch.equal(a, warm[k]) for k, a in teachers[-1].teacher.state_dict().items())
+
+
+def test_a_damaged_cached_warmup_is_a_cache_miss(ref, tmp_path, capsys):
+    """A cached warm-up checkpoint that does not load (truncated, garbage, not a checkpoint) is retrained, with one
+    'warning:' line on stderr naming it, and overwritten with the weights a run that found no file trains; the run goes
+    on."""
+    cache = tmp_path / "cache"
+    shutil.copytree(ref.cache, cache)
+    (path,) = cache.glob("warmup-*.pt")
+    good = torch.load(path, weights_only=True)["model"]
+    damages = dict(truncated=_truncate, garbage=lambda f: f.write_bytes(b"PK\x03\x04garbage"),
+                   foreign=lambda f: torch.save(torch.zeros(3), f))
+    for name, damage in damages.items():
+        damage(path)
+        out = tmp_path / name
+        train.main(RUN + ["--steps=1"] + dirs(out, cache))
+        printed = capsys.readouterr()
+        warnings = [line for line in re.split(r"[\r\n]", printed.err) if line.startswith("warning:")]
+        assert len(warnings) == 1 and str(path) in warnings[0] and "training the warm-up again" in warnings[0], name
+        assert "warm-up: loaded" not in printed.out
+        again = torch.load(path, weights_only=True)["model"]
+        assert again.keys() == good.keys() and all(torch.equal(again[k], good[k]) for k in good), name
+        assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [0, 1]
+    assert sorted(os.listdir(cache)) == [path.name]  # overwritten in place, no temporary file left
+    train.main(RUN + ["--steps=1"] + dirs(tmp_path / "after", cache))
+    assert f"warm-up: loaded {path}" in capsys.readouterr().out
 
 
 # -----------------------------------------------------------------------------
@@ -203,7 +256,7 @@ def test_checkpoints_load_with_weights_only(ref):
 
 
 # -----------------------------------------------------------------------------
-# 3. clear one-line errors, no tracebacks (one subprocess per case, run a few at a time)
+# 3. clear one-line errors, no tracebacks (each case a script run as the interpreter runs it: conftest.run_script)
 
 
 def _copy_run(ref, d):
@@ -221,44 +274,52 @@ def _write(path, text):
         f.write(text)
 
 
+def _foreign(d, obj):
+    d.mkdir()
+    torch.save(obj, d / "ckpt.pt")
+
+
+RESUME = ["--init_from=resume"]
 ERROR_CASES = {  # id: (setup(ref, d) or None, extra argv or ("memory.py", file), expected words in the error)
     "unknown_key": (None, ["--bogus=1"], "unknown config key 'bogus'"),
     "wrong_type": (None, ["--steps=three"], "'steps' expects int"),
     "sampled_token_with_topk": (None, ["--sampled_token=true", "--topk=5"], "exclude each other"),
     "bogus_init_from": (None, ["--init_from=bogus"], "init_from='bogus' is not allowed: scratch|resume"),
-    "resume_missing_ckpt": (None, ["--init_from=resume"], "not found"),
-    "resume_truncated_ckpt": (lambda r, d: (_copy_run(r, d), _truncate(d / "ckpt.pt")), ["--init_from=resume"], "corrupt or unreadable"),
-    "resume_foreign_ckpt_tensor": (lambda r, d: (d.mkdir(), torch.save(torch.zeros(3), d / "ckpt.pt")), ["--init_from=resume"], "not a checkpoint of this project"),
-    "resume_foreign_ckpt_dict": (lambda r, d: (d.mkdir(), torch.save({"weights": torch.zeros(3)}, d / "ckpt.pt")), ["--init_from=resume"], "not a checkpoint of this project"),
-    "resume_truncated_memory": (lambda r, d: (_copy_run(r, d), _truncate(d / "memory.json")), ["--init_from=resume"], "memory.json is corrupt"),
-    "resume_malformed_memory": (lambda r, d: (_copy_run(r, d), _write(d / "memory.json", '{"settings": {"budget": 1}, "step": "six"}')), ["--init_from=resume"], "memory.json is corrupt"),
-    "memory_py_truncated": (lambda r, d: (_copy_run(r, d), _truncate(d / "memory.json")), ("report.py", "memory.json"), "is corrupt or not a memory file"),
-    "memory_py_malformed": (lambda r, d: (d.mkdir(), _write(d / "memory.json", "[1, 2, 3]")), ("report.py", "memory.json"), "is corrupt or not a memory file"),
-    "out_dir_not_writable": (lambda r, d: (d.mkdir(), _write(d / "file", "")), ["--out_dir={d}/file/out"], "is not writable"),
+    "resume_missing_ckpt": (None, RESUME, "not found"),
+    "resume_truncated_ckpt": (lambda r, d: (_copy_run(r, d), _truncate(d / "ckpt.pt")), RESUME,
+                              "corrupt or unreadable"),
+    "resume_foreign_ckpt_tensor": (lambda r, d: _foreign(d, torch.zeros(3)), RESUME,
+                                   "not a checkpoint of this project"),
+    "resume_foreign_ckpt_dict": (lambda r, d: _foreign(d, {"weights": torch.zeros(3)}), RESUME,
+                                 "not a checkpoint of this project"),
+    "resume_truncated_memory": (lambda r, d: (_copy_run(r, d), _truncate(d / "memory.json")), RESUME,
+                                "memory.json is corrupt"),
+    "resume_malformed_memory": (lambda r, d: (_copy_run(r, d), _write(d / "memory.json",
+                                                                        '{"settings": {"budget": 1}, "step": "six"}')),
+                                RESUME, "memory.json is corrupt"),
+    "memory_py_truncated": (lambda r, d: (_copy_run(r, d), _truncate(d / "memory.json")), ("report.py", "memory.json"),
+                            "is corrupt or not a memory file"),
+    "memory_py_malformed": (lambda r, d: (d.mkdir(), _write(d / "memory.json", "[1, 2, 3]")),
+                            ("report.py", "memory.json"), "is corrupt or not a memory file"),
+    "out_dir_not_writable": (lambda r, d: (d.mkdir(), _write(d / "file", "")), ["--out_dir={d}/file/out"],
+                             "is not writable"),
 }
 
 
 @pytest.fixture(scope="module")
 def error_runs(ref, tmp_path_factory):
+    """Every ERROR_CASES script (conftest.run_script: as the interpreter runs it): case -> (status, stdout, stderr)."""
     root = tmp_path_factory.mktemp("errors")
-    jobs = []
+    results = {}
     for name, (setup, extra, _) in ERROR_CASES.items():
         d = root / name
         if setup:
             setup(ref, d)
         if isinstance(extra, tuple):
-            cmd = dict(script=extra[0], args=[str(d / extra[1])])
+            p = run_script(extra[0], [d / extra[1]])
         else:
-            cmd = dict(script="train.py", args=RUN + dirs(d, ref.cache) + [a.format(d=d) for a in extra])
-        jobs.append((name, cmd))
-    results, running = {}, []
-    while jobs or running:
-        while jobs and len(running) < 4:
-            name, cmd = jobs.pop(0)
-            running.append((name, popen(cmd["args"], script=cmd["script"])))
-        name, p = running.pop(0)
-        out, err = p.communicate(timeout=60)
-        results[name] = (p.returncode, out, err)
+            p = run_script("train.py", RUN + dirs(d, ref.cache) + [a.format(d=d) for a in extra])
+        results[name] = p.returncode, p.stdout, p.stderr
     return results
 
 
@@ -312,7 +373,8 @@ def test_resume_errors_in_process(ref, tmp_path):
     assert "memory.json is corrupt" in _resume_case(ref, tmp_path / "e", mangle_memory)
     assert "cannot read" in _resume_case(ref, tmp_path / "b", lambda d: os.remove(d / "metrics.jsonl"))
     assert "does not fit this model" in _resume_case(ref, tmp_path / "c", lambda d: None, ["--n_embd=64"])
-    assert "not one to resume from" in _resume_case(ref, tmp_path / "d", lambda d: torch.save(dict(model={}, config={}), d / "ckpt.pt"))
+    model_only = lambda d: torch.save(dict(model={}, config={}), d / "ckpt.pt")
+    assert "not one to resume from" in _resume_case(ref, tmp_path / "d", model_only)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -344,7 +406,8 @@ def test_garbage_completions_fuzz(tmp_path):
             return "".join(chr(rng.randrange(0x110000)) for _ in range(rng.randrange(40))), True
         if kind == 5:  # plausible: ops (and non-ops) and strings
             plan = [rng.choice(task.ops + ["", "xyz", "rev rev"]) for _ in range(rng.randrange(5))]
-            steps = ["".join(rng.choice("abcdefghijklm") for _ in range(rng.randrange(8))) for _ in range(rng.randrange(5))]
+            steps = ["".join(rng.choice("abcdefghijklm") for _ in range(rng.randrange(8)))
+                     for _ in range(rng.randrange(5))]
             return ",".join(plan) + "|" + "|".join(steps) + rng.choice(["\n", "", "\n\n"]), False
         if kind == 6:
             return task.attempt(p, rng, p_slip=0.5), False
@@ -408,7 +471,8 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(ref, tmp_path, monkeypatc
     with pytest.raises(ValueError) as e:
         train.main(RUN + dirs(out, ref.cache) + ["--max_nonfinite=2", "--updates=1"])  # one losses call per step
     msg, printed = str(e.value), capsys.readouterr().out
-    assert "2 consecutive steps with a non-finite loss or gradient norm (steps 5-6)" in msg and "(step 4), is intact" in msg
+    assert "2 consecutive steps with a non-finite loss or gradient norm (steps 5-6)" in msg
+    assert "(step 4), is intact" in msg
     assert "warning: step 3:" in printed and "warning: step 5:" in printed and "warning: step 6:" in printed
     assert "warning: step 4:" not in printed and len(seen) == 6
     same = lambda x, y: all(torch.equal(a, b) for a, b in zip(x, y))

@@ -82,7 +82,8 @@ def test_pmd_contexts_are_the_memory_render():
         ctx = teacher_contexts("pmd", rolls, G, mem, levels)
         assert ctx == [mem.render(r.problem, levels) or None for r in rolls]
         assert ctx[0] and ctx[6] is None  # group B: nothing to show
-    assert teacher_contexts("pmd", rolls, G, mem, ("pattern",))[3] == "#A12 via rev,?,? 2\n"  # unseen A12: its group's pattern
+    # unseen A12: its group's pattern
+    assert teacher_contexts("pmd", rolls, G, mem, ("pattern",))[3] == "#A12 via rev,?,? 2\n"
     assert teacher_contexts("pmd", rolls, G, mem, ("insight",))[3] is None
 
 

@@ -1,16 +1,13 @@
 """Reading a run: the memory's growth per level, the per-family internalisation timeline, the plot and one family up
 close (memory.py on a run directory), on hand-made files and on a tiny real run."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 import report
 import config
 import train
-from conftest import REPO, TINY, problem, quiet, rollout, subprocess_env
+from conftest import TINY, problem, quiet, rollout, run_script
 from memory import Memory
 
 
@@ -18,7 +15,8 @@ def evaluation(step, mem_family, student, teacher, unseen_student=0.0):
     """One metrics.jsonl line as train.evaluate writes it, for families A1, A2 (RL) and A9 (unseen)."""
     counts = {k: step for k in report.GROWTH}
     return dict(step=step, heldout_acc=0.0, teacher_acc=0.0, memory_family=mem_family, **counts,
-                family_acc=dict(heldout=student, unseen={"A9": unseen_student}), teacher_family_acc=dict(heldout=teacher, unseen={"A9": 0.0}))
+                family_acc=dict(heldout=student, unseen={"A9": unseen_student}),
+                teacher_family_acc=dict(heldout=teacher, unseen={"A9": 0.0}))
 
 
 # A1: the memory is right at 20 (after a wrong strategy at 10), the teacher solves it at 20, the student at 60.
@@ -37,7 +35,8 @@ def write_run(d, recs=RECS, mem=True, tail=""):
         f.write("".join(json.dumps(r) + "\n" for r in recs) + tail)
     if mem:  # two families confirm x,y and x,z: the group's pattern 1:x reaches A9
         m = Memory(min_agree=1)
-        m.update([rollout(problem("A1", s), 1, ("x", "y")) for s in "ab"] + [rollout(problem("A2", s), 1, ("x", "z")) for s in "ab"])
+        m.update([rollout(problem("A1", s), 1, ("x", "y")) for s in "ab"]
+                 + [rollout(problem("A2", s), 1, ("x", "z")) for s in "ab"])
         m.save(str(d / "memory.json"))
     return d
 
@@ -60,30 +59,44 @@ def test_describe_run_prints_growth_timeline_and_unseen_patterns(tmp_path):
     assert a9.split()[1:3] == ["-", "60"] and "1:x (yes)" in a9
 
 
-@pytest.mark.parametrize("damage, note", [
+DAMAGES = [  # (what write_run is given, what the partial report notes)
     (dict(tail='{"step": 80, "heldout'), "line 6 of"),  # a kill mid-write
     (dict(mem=False), "memory.json not found"),
-    (dict(recs=[{k: v for k, v in r.items() if k not in ("memory_family", "family_acc")} for r in RECS]), "5 of 5 evaluations lack"),
-])
-def test_damaged_or_old_runs_give_a_partial_report(tmp_path, damage, note):
-    d = write_run(tmp_path / "run", **damage)
-    text = report.describe_run(d)
-    assert note in text
-    p = subprocess.run([sys.executable, os.path.join(REPO, "report.py"), str(d)], capture_output=True, text=True, env=subprocess_env(), timeout=60)
-    assert p.returncode == 0 and note in p.stdout and "Traceback" not in p.stderr
-
-
-@pytest.mark.parametrize("setup, args, words", [
+    (dict(recs=[{k: v for k, v in r.items() if k not in ("memory_family", "family_acc")} for r in RECS]),
+     "5 of 5 evaluations lack"),
+]
+CLI_ERRORS = [  # (how the run directory is made, report.py's options, the words of its one error line)
     (lambda d: d.mkdir(), [], "metrics.jsonl (No such file"),
     (lambda d: write_run(d, recs=[], tail="garbage\n"), [], "holds no evaluation"),
     (lambda d: write_run(d), ["--bogus"], "unknown option"),
     (lambda d: write_run(d), ["--family=A1"], "ckpt.pt not found"),
-    (lambda d: write_run(d, recs=[{k: v for k, v in r.items() if k != "memory_family"} for r in RECS]), ["--plot"], "no memory counts to plot"),
-])
-def test_cli_errors_are_one_line(tmp_path, setup, args, words):
-    d = tmp_path / "run"
-    setup(d)
-    p = subprocess.run([sys.executable, os.path.join(REPO, "report.py"), str(d), *args], capture_output=True, text=True, env=subprocess_env(), timeout=60)
+    (lambda d: write_run(d, recs=[{k: v for k, v in r.items() if k != "memory_family"} for r in RECS]), ["--plot"],
+     "no memory counts to plot"),
+]
+
+
+@pytest.fixture(scope="module")
+def report_cli(tmp_path_factory):
+    """`python report.py` on every case below: (the run directory, the finished script) by the case's words."""
+    root, cases = tmp_path_factory.mktemp("report-cli"), {}
+    for i, (damage, note) in enumerate(DAMAGES):
+        cases[note] = write_run(root / f"damaged-{i}", **damage), []
+    for i, (setup, args, words) in enumerate(CLI_ERRORS):
+        setup(root / f"error-{i}")
+        cases[words] = root / f"error-{i}", args
+    return {words: (d, run_script("report.py", [d, *args])) for words, (d, args) in cases.items()}
+
+
+@pytest.mark.parametrize("damage, note", DAMAGES)
+def test_damaged_or_old_runs_give_a_partial_report(report_cli, damage, note):
+    d, p = report_cli[note]
+    assert note in report.describe_run(d)
+    assert p.returncode == 0 and note in p.stdout and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("setup, args, words", CLI_ERRORS)
+def test_cli_errors_are_one_line(report_cli, setup, args, words):
+    _, p = report_cli[words]
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], p.stderr
 
@@ -94,7 +107,8 @@ def test_census_counts_each_level_and_checks_strategies():
               rollout(problem("A2", "b"), 0, ("x", "z")), rollout(problem("A3", "a"), 0, None)])
     c = m.census({"A1": "x,y", "A2": "x,z"})
     assert (c["mem_passing"], c["mem_failing"], c["mem_strategies"], c["mem_lessons"]) == (2, 2, 2, 1)
-    assert c["mem_patterns"] == 1 and c["memory_family"] == {"A1": 1, "A2": -1} and (c["mem_confirmed"], c["mem_confirmed_right"]) == (2, 1)
+    assert c["mem_patterns"] == 1 and c["memory_family"] == {"A1": 1, "A2": -1}
+    assert (c["mem_confirmed"], c["mem_confirmed_right"]) == (2, 1)
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +125,12 @@ def test_a_real_run_logs_growth_and_per_family_accuracy(tiny_run):
         assert set(report.GROWTH) | {"memory_family"} <= set(r)
         for name, key in (("heldout", "heldout_acc"), ("unseen", "unseen_acc")):
             fams = r["family_acc"][name]
-            assert set(fams) == {p.family for p in getattr(task, name)} and set(r["teacher_family_acc"][name]) == set(fams)
-            assert abs(sum(fams.values()) / len(fams) - r[key]) < 1e-2  # every family has as many problems: the mean is the accuracy
-    assert recs[-1]["mem_passing"] + recs[-1]["mem_failing"] == sum(map(len, Memory.load(str(tiny_run / "memory.json")).experience.values()))
+            assert set(fams) == {p.family for p in getattr(task, name)}
+            assert set(r["teacher_family_acc"][name]) == set(fams)
+            # every family has as many problems: the mean is the accuracy
+            assert abs(sum(fams.values()) / len(fams) - r[key]) < 1e-2
+    mem = Memory.load(str(tiny_run / "memory.json"))
+    assert recs[-1]["mem_passing"] + recs[-1]["mem_failing"] == sum(map(len, mem.experience.values()))
     assert set(recs[0]["families"]) == {p.family for p in task.heldout + task.unseen}
 
 
@@ -124,7 +141,8 @@ def test_one_family_up_close(tiny_run):
     assert any(l.startswith("teacher (with memory)") or l.startswith("teacher (no memory)") for l in lines)
     assert any(l.startswith("student (no memory)") and "-> " in l for l in lines)
     explored = lines[-1].split("strategies ")[1].split(", ")  # the 16 samples' strategies, tallied
-    assert lines[-1].startswith("student, 16 samples at temperature 1:") and sum(int(x.rsplit(" x", 1)[1]) for x in explored) == 16
+    assert lines[-1].startswith("student, 16 samples at temperature 1:")
+    assert sum(int(x.rsplit(" x", 1)[1]) for x in explored) == 16
     with pytest.raises(ValueError, match="family 'Z99' is not in this run's task"):
         report.up_close(str(tiny_run), "Z99")
 

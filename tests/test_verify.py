@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO, subprocess_env
 from model import encode
 from verify import OPS, HiddenProcedures, clusters, run_plan, trace
+from warmup import reference_memory
 
 TASK = HiddenProcedures()  # the default table: 3 groups x 4 families, 32 + 8 inputs each
 
@@ -25,14 +26,17 @@ def answer(task, plan, s):
 def other_plan(task, p):
     """A plan whose faithful trace ends on a different answer than the family's plan, on this input."""
     want = answer(task, task.families[p.family], inp(p))
-    return next(plan for plan in itertools.product(task.ops, repeat=task.plan_len) if answer(task, plan, inp(p)) != want)
+    return next(plan for plan in itertools.product(task.ops, repeat=task.plan_len)
+                if answer(task, plan, inp(p)) != want)
 
 
 def test_only_the_answer_is_checked_so_a_wrong_plan_can_pass_by_coincidence():
     """A faithful trace of another plan whose last string starts with the same answer_len letters passes; such lucky
-    passes exist on the default table (about 1 in 12**answer_len random plans), and on other inputs the same plan fails."""
+    passes exist on the default table (about 1 in 12**answer_len random plans), and on other inputs the same plan
+    fails."""
     lucky = [(p, plan) for p in TASK.train[::5] for plan in itertools.product(TASK.ops, repeat=TASK.plan_len)
-             if plan != TASK.families[p.family] and answer(TASK, plan, inp(p)) == answer(TASK, TASK.families[p.family], inp(p))]
+             if plan != TASK.families[p.family]
+             and answer(TASK, plan, inp(p)) == answer(TASK, TASK.families[p.family], inp(p))]
     assert lucky
     for p, plan in lucky[:20]:
         assert TASK.verify(p, trace(plan, inp(p))) == (1, "ok") and TASK.strategy(p, trace(plan, inp(p))) == plan
@@ -40,7 +44,8 @@ def test_only_the_answer_is_checked_so_a_wrong_plan_can_pass_by_coincidence():
         assert any(TASK.verify(q, trace(plan, inp(q)))[0] == 0 for q in others)  # unambiguous: it fails somewhere
     full = HiddenProcedures(answer_len=5)  # the whole string checked: then a pass names the plan
     p = full.train[0]
-    assert all(full.verify(p, trace(q, inp(p)))[0] == 0 for q in itertools.product(full.ops, repeat=full.plan_len) if run_plan(q, inp(p))[-1] != p.solution.split("|")[-1][:-1])
+    assert all(full.verify(p, trace(q, inp(p)))[0] == 0 for q in itertools.product(full.ops, repeat=full.plan_len)
+               if run_plan(q, inp(p))[-1] != p.solution.split("|")[-1][:-1])
 
 
 def test_reference_solutions_pass_and_name_the_family_plan():
@@ -142,7 +147,8 @@ def test_fuzz_random_strings_never_raise_and_verdicts_are_consistent():
 
 
 def _table(task):
-    return sorted(task.families.items()), [p.pid for p in task.train], [p.pid for p in task.heldout], [p.pid for p in task.unseen]
+    return (sorted(task.families.items()), [p.pid for p in task.train], [p.pid for p in task.heldout],
+            [p.pid for p in task.unseen])
 
 
 def test_family_table_is_deterministic_per_seed():
@@ -154,7 +160,8 @@ def test_family_table_is_deterministic_per_seed():
 def test_family_table_does_not_depend_on_string_hashing():
     """Two processes with different PYTHONHASHSEED build the same table."""
     code = ("import hashlib, verify; t = verify.HiddenProcedures(); "
-            "print(hashlib.sha1(repr((sorted(t.families.items()), t.train, t.heldout, t.unseen)).encode()).hexdigest())")
+            "print(hashlib.sha1(repr((sorted(t.families.items()), t.train, t.heldout, t.unseen)).encode())"
+            ".hexdigest())")
     outs = {subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
                            env=dict(subprocess_env(), PYTHONHASHSEED=str(h))).stdout for h in (1, 2)}
     assert len(outs) == 1
@@ -177,7 +184,8 @@ def test_plans_are_bound_to_id_characters(task):
         for c in {f[pos] for f in task.families}:
             assert len({plan[pos] for f, plan in task.families.items() if f[pos] == c}) == 1
     assert len(set(task.tables[0].values())) == 3
-    assert all(p.group == clusters(p.family) and p.group.split()[1] == f"*{p.family[1]}*" for p in task.train + task.heldout + task.unseen)
+    assert all(p.group == clusters(p.family) and p.group.split()[1] == f"*{p.family[1]}*"
+               for p in task.train + task.heldout + task.unseen)
 
 
 def test_every_rl_digit_has_two_witnesses():
@@ -196,7 +204,8 @@ def test_rl_family_plans_are_unambiguous_on_the_task_inputs():
         inputs.setdefault(p.family, []).append(inp(p))
     for fam, plan in ((f, TASK.families[f]) for f in inputs):
         want = [answer(TASK, plan, s) for s in inputs[fam]]
-        twins = [q for q in itertools.product(TASK.ops, repeat=TASK.plan_len) if q != plan and [answer(TASK, q, s) for s in inputs[fam]] == want]
+        twins = [q for q in itertools.product(TASK.ops, repeat=TASK.plan_len)
+                 if q != plan and [answer(TASK, q, s) for s in inputs[fam]] == want]
         assert not twins, (fam, plan, twins)
 
 
@@ -207,8 +216,9 @@ def test_max_completion_fits_every_reference_completion():
 
 def test_bad_task_settings_raise_value_error():
     """Out-of-range knobs are refused with a ValueError."""
-    for kw in (dict(plan_len=0), dict(n_ops=1), dict(n_groups=0), dict(input_len=1), dict(n_train=0), dict(n_unseen=-1), dict(answer_len=0),
-               dict(answer_len=6), dict(n_groups=7), dict(n_groups=1, families_per_group=1, n_unseen=4), dict(n_unseen=13)):
+    for kw in (dict(plan_len=0), dict(n_ops=1), dict(n_groups=0), dict(input_len=1), dict(n_train=0),
+               dict(n_unseen=-1), dict(answer_len=0), dict(answer_len=6), dict(n_groups=7),
+               dict(n_groups=1, families_per_group=1, n_unseen=4), dict(n_unseen=13)):
         with pytest.raises(ValueError):
             HiddenProcedures(**kw)
 
@@ -224,7 +234,8 @@ def test_unseen_families_are_new_combinations_of_rl_characters():
     for f in unseen:
         for i, op in enumerate(TASK.families[f]):
             assert any(g[i % 3] == f[i % 3] and TASK.families[g][i] == op for g in rl), (f, i)
-        assert f[:2] not in {g[:2] for g in rl} and TASK.families[f] not in {TASK.families[g] for g in rl}  # a new combination
+        # a new combination
+        assert f[:2] not in {g[:2] for g in rl} and TASK.families[f] not in {TASK.families[g] for g in rl}
     assert all(TASK.verify(p, TASK.solve(p)) == (1, "ok") for p in TASK.unseen)
 
 
@@ -247,3 +258,36 @@ def test_other_plan_lengths_bind_every_step(plan_len):
     t = HiddenProcedures(plan_len=plan_len)
     assert all(plan == tuple(t.tables[i][f[i % 3]] for i in range(plan_len)) for f, plan in t.families.items())
     assert all(t.families[p.family] in t.plans for p in t.train)
+
+
+def lucky_plans(task, p):
+    """The wrong plans whose faithful trace passes p by coincidence."""
+    right = task.families[p.family]
+    return [q for q in itertools.product(task.ops, repeat=task.plan_len)
+            if q != right and answer(task, q, inp(p)) == answer(task, right, inp(p))]
+
+
+def test_a_lucky_attempt_passes_with_a_wrong_plan_where_one_exists():
+    """attempt(p_right=0, p_lucky=1): where a wrong plan passes the input by coincidence, the attempt is (almost always:
+    it searches a few draws) such a faithful lucky pass; with p_lucky=0 almost never. The headroom table's reference
+    memory ends most families whose 4th training problem has one on such a pass."""
+    rng, lucky = random.Random(0), {0.0: 0, 1.0: 0}
+    have = [p for p in TASK.train if lucky_plans(TASK, p)]
+    assert 50 <= len(have) < len(TASK.train)  # many inputs have one, not all
+    for p in have:
+        for p_lucky in lucky:
+            text = TASK.attempt(p, rng, 0.0, p_lucky=p_lucky, p_slip=0.0)
+            assert TASK.strategy(p, text) is not None  # faithful: no slip
+            lucky[p_lucky] += TASK.verify(p, text)[0] == 1 and TASK.strategy(p, text) in lucky_plans(TASK, p)
+    assert lucky[1.0] >= 0.8 * len(have) and lucky[0.0] <= 0.1 * len(have)
+    mem = reference_memory(TASK, {"budget": 160}, seed=0)
+    fourth = {}
+    for p in TASK.train:
+        fourth.setdefault(p.family, []).append(p)
+    ends = 0
+    for fam, probs in fourth.items():
+        last = max(mem.experience[fam], key=lambda e: e["step"])
+        plan = tuple(last["text"][last["n_prompt"]:].split("|")[0].split(","))
+        assert last["pid"] == probs[3].pid  # the most recent experience: the attempt at the 4th problem
+        ends += bool(last["reward"]) and plan in lucky_plans(TASK, probs[3])
+    assert ends > sum(bool(lucky_plans(TASK, ps[3])) for ps in fourth.values()) / 2 > 0  # here 3 of the 4 there are
