@@ -7,6 +7,9 @@ Benchmarks: does PMD's memory make the memory-free student learn faster and bett
     python bench.py --sweep          # the tuning behind config.TUNED: every method over the same grid, on 2 seeds
                                      # the benchmark does not use
     python bench.py --speed          # sampling speedup, per-phase time of one step, memory cost at 100x its size
+    python bench.py --pressure       # co-evolution against exploration pressure (RL families at a fixed budget)
+    python bench.py --lucky          # insight over experience against the lucky-pass rate (answer_len 3, 2, 1)
+    python bench.py --budget         # the highest-pressure point at twice the budget: PMD against a frozen policy
 
 Bench options: --seeds=1337,1,2,3,4  --variants=...  --workers=2  --bench_dir=out/bench  --knob=plan_len:1,2,3,4
 (--difficulty's setting and values). Every other --key=value is a train.py setting for every run. Each run lives in
@@ -14,6 +17,7 @@ bench_dir/runs/<name>, and a finished run with the same arguments is reused: an 
 Each seed's runs use a family table of their own (--task_seed=<seed>), so the spread over seeds is a spread over
 tables too; --task_seed=N fixes one table for every run.
 """
+import itertools
 import json
 import os
 import random
@@ -33,7 +37,8 @@ from memory import Memory
 from model import encode, generate
 from pmd import Rollout, step
 from report import mean_lag
-from verify import OPS, Problem
+from verify import OPS, Problem, trace
+from warmup import warmup
 
 # the variants: train.py arguments on top of the run's own, from the same warm-up; the co-evolution and memory-level
 # variants are the paper's, as it defines them
@@ -71,6 +76,15 @@ BENCH = dict(  # bench.py's own options, --key=value; each comment starts with w
     knob="plan_len:1,2,3,4",  # a train.py setting and its values: --difficulty's knob
 )
 SETS = dict(heldout="new inputs", unseen="unseen families")  # the two evaluation sets, as tables name them
+# where PMD's mechanisms matter, each along the knob that controls it (fixed before any of these runs; bench.TUNED)
+PRESSURE = [(), ("--plan_len=3", "--families_per_group=2"), ("--plan_len=3",),  # RL families at a fixed budget
+            ("--plan_len=3", "--families_per_group=8")]
+PRESSURE_VARIANTS = ("pmd", "frozen-policy", "frozen-memory", "rft", "sdpo")
+LUCKY = [("--answer_len=3",), (), ("--answer_len=1",)]  # how often a wrong plan passes by coincidence
+LUCKY_VARIANTS = ("experience-only", "experience+insight", "pmd")
+BUDGET = [("--plan_len=3", "--families_per_group=8", "--steps=400")]  # the highest pressure, twice the rollouts
+BUDGET_VARIANTS = ("pmd", "frozen-policy")
+SWEEP_SEEDS_3 = "1337,1,2"  # the seeds of --pressure, --lucky and --budget unless --seeds is given
 
 
 def method_of(variant):
@@ -433,6 +447,139 @@ def plot_difficulty(records, knob, start, path):
     print(f"wrote {path}")
 
 
+def paired(records, hi, lo, key, point):
+    """hi minus lo on the same seeds at a point: (mean, standard error), or None with fewer than 2 seeds."""
+    acc = {(r["method"], r["seed"]): r.get(f"{key}_acc") for r in records if r["point"] == list(point)}
+    d = [acc[hi, s] - acc[lo, s] for (m, s) in acc if m == hi and acc.get((lo, s)) is not None]
+    return (statistics.mean(d), statistics.stdev(d) / len(d) ** 0.5) if len(d) > 1 else None
+
+
+def coverage(records, point):
+    """The share of RL families whose right strategy the frozen policy's final memory confirms, mean over seeds."""
+    c = parse_args(list(point))
+    rs = [r for r in records if r["method"] == "frozen-policy" and r["point"] == list(point)]
+    return statistics.mean(r["mem_confirmed_right"] / (c.n_groups * c.families_per_group) for r in rs)
+
+
+def pressure(opts, common):
+    """Exploration pressure: RL families at a fixed rollout budget (PRESSURE), against the frozen policy's coverage;
+    PMD minus each frozen variant, paired over seeds, at every point."""
+    t0 = time.time()
+    records, _ = run_points(opts, common, list(PRESSURE_VARIANTS), PRESSURE)
+    save_json(records, os.path.join(opts["bench_dir"], "pressure.json"))
+    cover = [coverage(records, p) for p in PRESSURE]
+    print(f"\nfinal accuracy (greedy; frozen-policy reads its memory) against exploration pressure, mean ± std over "
+          f"seeds: python bench.py {' '.join(sys.argv[1:])}")
+    points_table(records, PRESSURE, PRESSURE_VARIANTS, [f"{x:.2f}" for x in cover], "frozen policy's coverage",
+                 [("pmd", "frozen-policy"), ("pmd", "frozen-memory")])
+    print(f"\nwall time {(time.time() - t0) / 60:.1f} min; wrote {opts['bench_dir']}/pressure.json")
+    plot_points(records, PRESSURE, PRESSURE_VARIANTS, cover, "frozen policy's memory: families confirmed right",
+                [("pmd", "frozen-policy"), ("pmd", "frozen-memory")], os.path.join(opts["bench_dir"], "pressure.png"))
+
+
+def lucky_rate(point):
+    """The share of (training input, wrong plan) pairs of the RL families that pass by coincidence."""
+    c = parse_args(list(point))
+    task = train.make_task(c)
+    plans = list(itertools.product(task.ops, repeat=c.plan_len))
+    hits = [task.verify(p, trace(q, p.prompt.split(":", 1)[1][:-1]))[0]
+            for p in task.train for q in plans if q != task.families[p.family]]
+    return sum(hits) / len(hits)
+
+
+def lucky(opts, common):
+    """Lucky passes: answer_len 3, 2, 1 (LUCKY) with the memory levels cumulated; the lucky-pass rate of each table
+    and the headroom table's teacher with experience against with insight."""
+    t0, seeds = time.time(), opts["seeds"].split(",")
+    records, _ = run_points(opts, common, list(LUCKY_VARIANTS), LUCKY)
+    save_json(records, os.path.join(opts["bench_dir"], "lucky.json"))
+    rates, heads = [], []
+    for p in LUCKY:
+        rates.append(statistics.mean(lucky_rate((*p, f"--task_seed={s}")) for s in seeds))
+        rows = []
+        for s in seeds:
+            c, task, device, _, _ = train.setup([*p, f"--seed={s}", *family_table(s, common), *common,
+                                                 f"--out_dir={tempfile.mkdtemp()}"])
+            rows.append(train.headroom(warmup(c, task, device).eval(), task, c)["heldout"])
+        heads.append(" / ".join(mean_std([r[k] for r in rows]) for k in ("teacher+experience", "teacher+insight")))
+    print(f"\nfinal memory-free accuracy (greedy) against the lucky-pass rate, mean ± std over seeds: "
+          f"python bench.py {' '.join(sys.argv[1:])}")
+    points_table(records, LUCKY, LUCKY_VARIANTS, [f"{x:.4f} ({h})" for x, h in zip(rates, heads)],
+                 "lucky-pass rate (headroom: teacher with experience / with insight)",
+                 [("experience+insight", "experience-only"), ("pmd", "experience+insight")])
+    print(f"\nwall time {(time.time() - t0) / 60:.1f} min; wrote {opts['bench_dir']}/lucky.json")
+    plot_points(records, LUCKY, LUCKY_VARIANTS, rates, "lucky-pass rate (a wrong plan passes an input)",
+                [("experience+insight", "experience-only")], os.path.join(opts["bench_dir"], "lucky.png"), log=True)
+
+
+def budget(opts, common):
+    """The highest-pressure point at twice the default budget (BUDGET): PMD against the frozen policy as training
+    goes on, from the runs' curves."""
+    records, _ = run_points(opts, common, list(BUDGET_VARIANTS), BUDGET)
+    save_json(records, os.path.join(opts["bench_dir"], "budget.json"))
+    print(f"\nPMD minus the frozen policy reading its memory, paired over seeds, against rollouts: "
+          f"python bench.py {' '.join(sys.argv[1:])}\n")
+    print(md(["rollouts", *(f"{v}: {name}" for v in BUDGET_VARIANTS for name in SETS.values()),
+              *(f"pmd - frozen-policy: {name}" for name in SETS.values())]))
+    print(md(["---"] * (1 + 3 * len(SETS))))
+    curves = {v: [r["curve"] for r in records if r["method"] == v] for v in BUDGET_VARIANTS}
+    for i in range(0, min(map(len, curves["pmd"])), 4):
+        cells = [curves["pmd"][0][i][0]]
+        for v in BUDGET_VARIANTS:
+            cells += [mean_std([c[i][col] for c in curves[v]]) for col in (1, 2)]
+        for col in (1, 2):
+            d = [a[i][col] - b[i][col] for a, b in zip(curves["pmd"], curves["frozen-policy"])]
+            se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else None
+            cells.append("-" if se is None else f"{statistics.mean(d):+.3f} ± {se:.3f}")
+        print(md(cells))
+    plot(records, list(BUDGET_VARIANTS), os.path.join(opts["bench_dir"], "budget.png"))
+
+
+def points_table(records, points, variants, xs, xname, diffs):
+    """Per evaluation set: a row per point (its x, each variant's accuracy, each paired difference)."""
+    for key, name in SETS.items():
+        print(f"\n{name}:\n\n" + md(["setting", xname, *variants, *(f"{a} - {b}" for a, b in diffs)]))
+        print(md(["---"] * (2 + len(variants) + len(diffs))))
+        for p, x in zip(points, xs):
+            accs = [mean_std([r.get(f"{key}_acc") for r in records if r["method"] == v and r["point"] == list(p)])
+                    for v in variants]
+            ds = [paired(records, a, b, key, p) for a, b in diffs]
+            print(md([" ".join(a[2:] for a in p) or "default", x, *accs,
+                      *("-" if d is None else f"{d[0]:+.3f} ± {d[1]:.3f}" for d in ds)]))
+
+
+def plot_points(records, points, variants, xs, xlabel, diffs, path, log=False):
+    """Each variant's final accuracy against x (one panel per evaluation set), and the paired differences."""
+    plt = pyplot()
+    if plt is None:
+        print(f"matplotlib is not installed: no {path} (pip install matplotlib)")
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    order = sorted(range(len(points)), key=lambda i: xs[i])
+    x = [xs[i] for i in order]
+    for ax, (key, name) in zip(axes, SETS.items()):
+        for v in variants:
+            accs = [[r.get(f"{key}_acc") or 0.0 for r in records if r["method"] == v and r["point"] == list(points[i])]
+                    for i in order]
+            ax.errorbar(x, [statistics.mean(a) for a in accs], [statistics.stdev(a) if len(a) > 1 else 0 for a in accs],
+                        label=v, marker="o", capsize=3)
+        ax.set(xlabel=xlabel, ylabel="final accuracy, mean ± std over seeds", title=name, ylim=(0, 1.02),
+               xscale="log" if log else "linear")
+    for a, b in diffs:
+        for key, name in SETS.items():
+            d = [paired(records, a, b, key, points[i]) or (0.0, 0.0) for i in order]
+            axes[2].errorbar(x, [m for m, _ in d], [2 * se for _, se in d], label=f"{a} - {b}: {name}", marker="o",
+                             capsize=3)
+    axes[2].axhline(0, color="grey", lw=1)
+    axes[2].set(xlabel=xlabel, ylabel="paired difference, ± 2 standard errors", xscale="log" if log else "linear",
+                title="differences")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def sweep_grid():
     """The SWEEP grid's points."""
     return [dict(lr=lr, replay_weight=w, updates=u)
@@ -625,7 +772,7 @@ def main(argv):
     mode = "bench"
     opts, common = dict(BENCH), []
     for a in argv:
-        if a in ("--speed", "--sweep", "--difficulty"):
+        if a in ("--speed", "--sweep", "--difficulty", "--pressure", "--lucky", "--budget"):
             mode = a[2:]
         elif a in ("-h", "--help"):
             print(__doc__)
@@ -638,11 +785,14 @@ def main(argv):
                 raise ValueError(f"bench option {key!r} expects {type(BENCH[key]).__name__}, got {val!r}") from None
         else:
             common.append(a)
+    if mode in ("pressure", "lucky", "budget") and not any(a.startswith("--seeds=") for a in argv):
+        opts["seeds"] = SWEEP_SEEDS_3
     check_options(opts)
     configure(common)  # a bad setting fails now; run_all checks every run's own arguments before any run starts
     if mode == "speed":
         return speed(common)
-    dict(bench=bench, sweep=sweep, difficulty=difficulty)[mode](opts, common)
+    modes = dict(bench=bench, sweep=sweep, difficulty=difficulty, pressure=pressure, lucky=lucky, budget=budget)
+    modes[mode](opts, common)
 
 
 def check_options(opts):
