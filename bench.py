@@ -141,7 +141,7 @@ def run_all(jobs, bench_dir, workers, settings):
     os.makedirs(bench_dir, exist_ok=True)
     for common in settings:
         c, task, device, _, _ = train.setup(common + [f"--out_dir={tempfile.mkdtemp()}"])
-        train.warmup(c, task, device)
+        warmup(c, task, device)
     threads = max(1, (os.cpu_count() or 1) // workers)
     results, t0 = {}, time.time()
 
