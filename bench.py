@@ -6,7 +6,7 @@ Benchmarks: does PMD's memory make the memory-free student learn faster and bett
     python bench.py --difficulty     # GRPO, SDPO, rft and PMD at plan_len 1..4: out/bench/difficulty.json and .png
     python bench.py --sweep          # the tuning behind config.TUNED: every method over the same grid, on 2 seeds
                                      # the benchmark does not use
-    python bench.py --speed          # sampling speedup, per-phase time of one step, memory cost at 100x its size
+    python bench.py --speed          # sampling speedup, and the per-phase time of one step
     python bench.py --pressure       # co-evolution against exploration pressure (RL families at a fixed budget)
     python bench.py --lucky          # insight over experience against the lucky-pass rate (answer_len 3, 2, 1)
     python bench.py --budget         # the highest-pressure point at twice the budget: PMD against a frozen policy
@@ -20,7 +20,6 @@ tables too; --task_seed=N fixes one table for every run.
 import itertools
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -33,11 +32,10 @@ import torch
 import config
 import train
 from config import CONFIG_KEYS, TUNED, configure, parse_args
-from memory import Memory
 from model import encode, generate
-from pmd import Rollout, step
+from pmd import step
 from report import mean_lag
-from verify import OPS, Problem, trace
+from verify import trace
 from warmup import warmup
 
 # the variants: train.py arguments on top of the run's own, from the same warm-up; the co-evolution and memory-level
@@ -89,6 +87,11 @@ SWEEP_SEEDS_3 = "1337,1,2"  # the seeds of --pressure, --lucky and --budget unle
 
 def method_of(variant):
     return next(a.split("=")[1] for a in VARIANTS[variant] if a.startswith("--method="))
+
+
+def tuned_of(args):
+    """The lr, replay_weight and updates a run used (a user's override wins over TUNED)."""
+    return {k: v for k, v in vars(parse_args(args)).items() if k in TUNED["pmd"]}
 
 
 def tuned_args(variant):
@@ -179,14 +182,6 @@ def mean_std(xs, f="{:.3f}"):
     return f.format(statistics.mean(xs)) + (" ± " + f.format(statistics.stdev(xs)) if len(xs) > 1 else "")
 
 
-def run_settings(args):
-    """The tuned settings a run used: the last --lr=, --replay_weight= and --updates= of its arguments (a user's
-    override wins)."""
-    tuned = ("--lr=", "--replay_weight=", "--updates=")
-    last = {a[2:].split("=")[0]: float(a.split("=", 1)[1]) for a in args if a.startswith(tuned)}
-    return dict(lr=last["lr"], replay_weight=last["replay_weight"], updates=int(last["updates"]))
-
-
 def record(variant, seed, res):
     """One run's summary: its final evaluation (both sets, pass@k), the rollouts it took to 80 %, its curve. A frozen
     policy is scored reading its memory, as the paper scores it: its memory-free accuracy never moves."""
@@ -196,7 +191,7 @@ def record(variant, seed, res):
         res = dict(res, metrics=[scored(m) for m in res["metrics"]])
     ms = res["metrics"]
     return dict(ms[-1], method=variant, seed=seed, rollouts_to_80=rollouts_to(ms), wall_s=res["wall_s"],
-                start_pass1=ms[0].get("heldout_pass@1"), settings=run_settings(res["args"]), lag=mean_lag(ms)[0],
+                start_pass1=ms[0].get("heldout_pass@1"), settings=tuned_of(res["args"]), lag=mean_lag(ms)[0],
                 curve=[[r["rollouts"], r["heldout_acc"], r.get("unseen_acc"), r["teacher_acc"]] for r in ms])
 
 
@@ -276,22 +271,22 @@ def reflection_table(results, seeds, model="pmd-reflect", count="pmd"):
     return "\n".join(rows)
 
 
-def pyplot():
+def pyplot(path):
+    """matplotlib.pyplot, or None with a note that path is not written: plots are optional."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return None
+        return print(f"matplotlib is not installed: no {path} (pip install matplotlib)")
     return plt
 
 
 def plot(records, variants, path):
     """Memory-free accuracy against rollouts, mean and std band over seeds: one panel per evaluation set."""
-    plt = pyplot()
+    plt = pyplot(path)
     if plt is None:
-        print(f"matplotlib is not installed: no {path} (pip install matplotlib)")
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, (col, name) in zip(axes, ((1, SETS["heldout"]), (2, SETS["unseen"]))):
@@ -410,7 +405,8 @@ def difficulty(opts, common):
             print(md([m, *(mean_std(accs(val)) for val in values)]))
     print("\n'start' is the initial success rate: the warm-up policy's pass@1 (sampled) on new inputs, mean over "
           f"seeds. Wall time {(time.time() - t0) / 60:.1f} min; wrote {opts['bench_dir']}/difficulty.json")
-    plot_difficulty(records, knob, start, os.path.join(opts["bench_dir"], "difficulty.png"))
+    plot_points(records, points, METHODS, [max(start[val], 1e-4) for val in values], "initial success rate (warm-up "
+                "pass@1 on new inputs; 0 at 1e-4)", [], os.path.join(opts["bench_dir"], "difficulty.png"), log=True)
 
 
 def knob_values(spec):
@@ -420,31 +416,6 @@ def knob_values(spec):
         raise ValueError(f"knob={spec!r} is not allowed: a train.py setting and its values, like plan_len:1,2,3,4")
     values = [vars(parse_args([f"--{knob}={v}"]))[knob] for v in vals.split(",")]
     return knob, values
-
-
-def plot_difficulty(records, knob, start, path):
-    plt = pyplot()
-    if plt is None:
-        print(f"matplotlib is not installed: no {path} (pip install matplotlib)")
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    vals = sorted(start, key=lambda v: -start[v])
-    x = {v: max(start[v], 1e-4) for v in vals}  # a log axis: a rate of 0 (no sample passed) is drawn at 1e-4
-    for ax, (key, name) in zip(axes, SETS.items()):
-        for m in METHODS:
-            accs = [[r.get(f"{key}_acc") or 0.0 for r in records if r["method"] == m and r[knob] == v] for v in vals]
-            mean, std = [statistics.mean(a) for a in accs], [statistics.stdev(a) if len(a) > 1 else 0.0 for a in accs]
-            ax.errorbar([x[v] for v in vals], mean, yerr=std, label=m, marker="o", capsize=3, lw=2)
-        for v in vals:
-            ax.annotate(f"{knob}={v}", (x[v], 0.02), fontsize=7, ha="center", color="grey")
-        ax.set(xscale="log", xlabel="initial success rate (warm-up policy's pass@1 on new inputs)", ylim=(0, 1.02),
-               title=f"{name}: final accuracy (greedy, no memory)")
-        ax.invert_xaxis()  # from common (left) to rare (right)
-    axes[0].set_ylabel("accuracy after 12 800 rollouts, mean ± std over seeds")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
 
 
 def paired(records, hi, lo, key, point):
@@ -550,11 +521,10 @@ def points_table(records, points, variants, xs, xname, diffs):
 
 def plot_points(records, points, variants, xs, xlabel, diffs, path, log=False):
     """Each variant's final accuracy against x (one panel per evaluation set), and the paired differences."""
-    plt = pyplot()
+    plt = pyplot(path)
     if plt is None:
-        print(f"matplotlib is not installed: no {path} (pip install matplotlib)")
         return
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    fig, axes = plt.subplots(1, 2 + bool(diffs), figsize=(5.7 * (2 + bool(diffs)), 4.5))
     order = sorted(range(len(points)), key=lambda i: xs[i])
     x = [xs[i] for i in order]
     for ax, (key, name) in zip(axes, SETS.items()):
@@ -570,9 +540,10 @@ def plot_points(records, points, variants, xs, xlabel, diffs, path, log=False):
             d = [paired(records, a, b, key, points[i]) or (0.0, 0.0) for i in order]
             axes[2].errorbar(x, [m for m, _ in d], [2 * se for _, se in d], label=f"{a} - {b}: {name}", marker="o",
                              capsize=3)
-    axes[2].axhline(0, color="grey", lw=1)
-    axes[2].set(xlabel=xlabel, ylabel="paired difference, ± 2 standard errors", xscale="log" if log else "linear",
-                title="differences")
+    if diffs:
+        axes[2].axhline(0, color="grey", lw=1)
+        axes[2].set(xlabel=xlabel, ylabel="paired difference, ± 2 standard errors", xscale="log" if log else "linear",
+                    title="differences")
     for ax in axes:
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -698,56 +669,6 @@ def speed_step(run, steps):
     return out
 
 
-def synthetic_fill(memory, n_families, rng):
-    """Grow memory by n_families families of synthetic groups, each with a full set of experiences and insights."""
-    ops = list(OPS)
-    s = memory.settings
-    for start in range(0, n_families, 64):
-        rolls = []
-        for i in range(start, min(start + 64, n_families)):
-            fam, group = f"fill{i:06d}", f"fill{i // 4}"
-            for j in range(s["max_experiences"] + s["max_insights"]):
-                prompt = f"{fam}:{''.join(rng.choice('abcdefghijkl') for _ in range(5))}>"
-                plan = tuple(rng.choice(ops) for _ in range(3))
-                reward = int(rng.random() < 0.3)
-                rolls.append(Rollout(Problem(f"{fam}/{j}", fam, group, prompt, ""), ",".join(plan) + "|x|y|z\n", [], [],
-                                     reward, "" if reward else "wrong answer", plan))
-        memory.update(rolls)
-
-
-def speed_memory(run, mem_path, step_ms):
-    """Memory update + render with the run's memory and with the memory grown 100x, and one problem's render in each."""
-    c, task = run.c, run.task
-    rng = random.Random(0)
-    problems = run.rng.sample(task.train, c.prompts_per_step)
-    rolls = [Rollout(p, task.attempt(p, rng, 0.3), [], [], 0, "", None) for p in problems for _ in range(c.group_size)]
-    for r in rolls:
-        r.reward, r.feedback = task.verify(r.problem, r.completion)
-        r.strategy = task.strategy(r.problem, r.completion)
-    small = Memory.load(mem_path)
-    n = len(small.groups)
-    big = Memory.load(mem_path)
-    big.settings.update(max_families=100 * big.settings["max_families"])
-    synthetic_fill(big, 99 * max(n, 1), rng)
-    res = {}
-    for name, mem in (("run's memory", small), ("grown 100x", big)):
-        size, families = sum(map(len, mem.experience.values())), len(mem.groups)  # before the timed updates add some
-
-        def update_and_render(mem=mem):
-            mem.update(rolls)
-            for p in problems:
-                mem.render(p)
-
-        t_upd, _ = timed(update_and_render, 20)
-        t_one, _ = timed(lambda mem=mem: mem.render(problems[0]), 200)
-        res[name] = dict(families=families, experiences=size, update_render_ms=t_upd * 1e3, render_one_us=t_one * 1e6)
-        print(f"  {name:<13} {families:6d} families {size:7d} experiences: update + render {t_upd * 1e3:6.2f} ms "
-              f"({t_upd * 1e3 / step_ms * 100:.2f} % of a step); one problem's render {t_one * 1e6:.0f} us")
-    ratio = res["grown 100x"]["render_one_us"] / res["run's memory"]["render_one_us"]
-    print(f"  one render, 100x memory over the run's: {ratio:.2f}x")
-    return res
-
-
 def speed(common):
     """bench.py --speed: the default config unless settings say otherwise; the cached warm-up (trained if missing)."""
     with tempfile.TemporaryDirectory() as d:
@@ -758,10 +679,6 @@ def speed(common):
         out = dict(device=device, sampling=speed_sampling(run, repeats=5))
         steps = int(os.environ.get("BENCH_SPEED_STEPS", 20))
         out["step"] = speed_step(run, steps)
-        mem_path = os.path.join(d, "memory.json")
-        run.memory.save(mem_path)
-        print(f"\nmemory cost (its update + render runs once per step) after {steps + 2} steps:")
-        out["memory"] = speed_memory(run, mem_path, out["step"]["step_ms"])
     os.makedirs("out/bench", exist_ok=True)
     with open("out/bench/speed.json", "w") as f:
         json.dump(out, f, indent=1)

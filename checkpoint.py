@@ -12,8 +12,7 @@ from tqdm import tqdm
 
 
 def atomic_save(obj, path, rename=True):
-    """torch.save to a temporary file, flushed to disk, then renamed over path (rename=False: the caller renames
-    the returned temporary path)."""
+    """torch.save to a temp file, fsynced, then renamed over path; returns it (rename=False: the caller renames)."""
     tmp = f"{path}.{os.getpid()}.tmp"  # one per process: runs that share cache_dir may write the same warm-up at once
     with open(tmp, "wb") as f:
         torch.save(obj, f)

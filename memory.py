@@ -4,12 +4,11 @@ Procedural memory: three levels, plain dicts and lists, saved as human-readable 
     experience  family -> raw trajectories {pid, text (prompt + completion), n_prompt, reward, feedback, step}
     insight     family -> {strategy: {agree: [pids], contradict: [pids], step}}: passed on more inputs than failed,
                 a *strategy* (rendered `ok`); failed more, a *lesson* (`bad`); equal evidence retires it
-    pattern     cluster -> {"i:step": {support: [families], against: [families]}}: steps that the confirmed
-                strategies of most of a cluster's families share: what a family never seen can use
+    pattern     cluster -> {"i:step": {support: [families], against: [families]}}: steps the confirmed strategies
+                of most of a cluster's families share: what a family never seen can use
 
-Task-agnostic: problems are seen through their keys (pid, family, group: its clusters, space-separated, prompt),
-traces through the verdict (reward, feedback) and the strategy of a faithful trace, the only evidence counted.
-Read a memory file with `python report.py out/memory.json`.
+Task-agnostic: it sees a problem's pid, family, group (clusters, space-separated) and prompt, a trace's verdict
+(reward, feedback) and, if faithful, its strategy, the only evidence counted. Read: `python report.py out/memory.json`.
 """
 import json
 import os
@@ -108,8 +107,7 @@ class Memory:
             exps.remove(min(fails or exps, key=lambda e: e["step"]))
 
     def reflect(self, verdicts):
-        """Each verdict (problem, strategy, passed) is evidence for its strategy (passed) or against it, on one
-        input."""
+        """Each verdict (problem, strategy, passed) is evidence for (passed) or against its strategy, on one input."""
         cap = self.settings["max_evidence"]
         for problem, strategy, passed in verdicts:
             items = self.insight.setdefault(problem.family, {})
@@ -188,14 +186,12 @@ class Memory:
         if "insight" in levels:
             items = self.insight.get(problem.family, {})
             ranked = sorted(items, key=lambda s: (-abs(net(items[s])), -items[s]["step"]))
-            # the strongest strategy alone once one has passed (a weaker one is a lucky pass until the evidence says
-            # otherwise); lessons only before that: then they are all there is, later they are noise to echo
+            # once a strategy has passed, the strongest alone (a weaker one may be a lucky pass); before, the lessons
             shown = ([s for s in ranked if net(items[s]) > 0][:1] or [s for s in ranked if net(items[s]) < 0])[:n_ins]
             by_level["insight"] = [insight_line(problem.family, s, net(items[s])) for s in shown]
         if "pattern" in levels:
             by_level["pattern"] = [line for line in [self.compose(problem)] if line][:n_pat]
-        # fill the budget in priority order: the best line of each level first
-        chosen, used = set(), 0
+        chosen, used = set(), 0  # fill the budget in priority order: the best line of each level first
         for rank in range(max(n_exp, n_ins, n_pat)):
             for lvl in ("insight", "pattern", "experience"):
                 if rank < len(by_level[lvl]) and used + len(by_level[lvl][rank]) + 1 <= self.settings["budget"]:
@@ -204,9 +200,8 @@ class Memory:
         return "".join(line + "\n" for lvl in LEVELS for r, line in enumerate(by_level[lvl]) if (lvl, r) in chosen)
 
     def compose(self, problem):
-        """The problem's clusters' patterns as one plan: each step the one its clusters' patterns name with the most
-        support ('?' where none names one), and the weakest support among the steps named: `#A48 via mev,rol,? 2`.
-        One line a small model copies, rather than several to combine; None when no cluster has a pattern."""
+        """The problem's clusters' patterns as one line a small model copies: per step the op named with the most
+        support ('?' where none), then the weakest support among them: `#A48 via mev,rol,? 2`. None: no patterns."""
         pats = [p for key in problem.group.split() for p in self.pattern.get(key, {}).items()]
         best = {}  # step index -> (support, step): the first cluster's wins a tie
         for k, p in pats:
@@ -241,8 +236,7 @@ class Memory:
                 d = json.load(f)
             mem = cls(**d["settings"])
             mem.step, mem.groups = int(d["step"]), dict(d["groups"])
-            # least recently updated first, whatever the file's order
-            mem.touched = dict(sorted(d["touched"].items(), key=lambda kv: kv[1]))
+            mem.touched = dict(sorted(d["touched"].items(), key=lambda kv: kv[1]))  # least recently updated first
             mem.experience, mem.insight, mem.pattern = dict(d["experience"]), dict(d["insight"]), dict(d["pattern"])
             check_state(mem)
             for fam, g in mem.groups.items():
@@ -286,10 +280,7 @@ def insight_line(family, strategy, n):
 
 
 # -----------------------------------------------------------------------------
-# reflection: what the attempts at one problem say about strategies, as verdicts (problem, strategy, passed)
-# The counting rule reads them off the verifier: one per faithful trace. A model reflector reads each attempt as text
-# (reflection_prompts) and writes its verdict as one line (`ok rol,swp`, `bad rev,stp`, `-` for none: an unfaithful
-# trace is no evidence), which parse_reflection reads.
+# reflection: verdicts (problem, strategy, passed), drawn by the counting rule or written by a model reflector
 
 
 def counted(rollouts):
@@ -298,10 +289,8 @@ def counted(rollouts):
 
 
 def reflection_prompts(rollouts, G):
-    """What a reflector reads, per problem (each group of G rollouts): for each distinct attempt (passes first), the
-    problem's prompt and how many of its G attempts passed, then that attempt with the verifier's verdict, then
-    `reflect:`. One attempt per prompt: a 3-layer model copies one trace's plan faithfully, and mixes up the plans of
-    several side by side (README, Reflection). Returns [(rollout, prompt)]."""
+    """[(rollout, prompt)], one per distinct attempt (passes first) of each problem's G rollouts: the prompt, how many
+    passed, the attempt and its verdict, then `reflect:`. One attempt each: a 3-layer model mixes up several at once."""
     out = []
     for i in range(0, len(rollouts), G):
         group = rollouts[i : i + G]
@@ -339,14 +328,11 @@ def parse_reflection(text):
 
 
 def fidelity(verdicts, rule):
-    """Model-written verdicts against the counting rule's on the same rollouts, as counts: written (distinct), agree
-    (the rule's too: same strategy, same sign), flipped (a strategy of a faithful trace, the wrong sign), invented (a
-    strategy no faithful trace of the problem states), rule (the rule's, distinct), missed (the rule's, not written)."""
+    """Model-written verdicts against the rule's on the same rollouts, as counts: written, rule (both distinct), agree
+    (in both), missed (the rule's alone), flipped (a faithful trace's strategy, wrong sign), invented (in no trace)."""
     m, r = ({(p.pid, s, ok) for p, s, ok in vs} for vs in (verdicts, rule))
     supported = {(pid, s) for pid, s, _ in r}
     wrong = m - r
     flipped = sum((pid, s) in supported for pid, s, _ in wrong)
     return dict(written=len(m), agree=len(m & r), flipped=flipped, invented=len(wrong) - flipped, rule=len(r),
                 missed=len(r - m))
-
-

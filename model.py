@@ -2,10 +2,8 @@
 A small GPT (rotary positions, tied head) plus what PMD needs around it:
 
 - `encode` / `decode`: a byte-level tiktoken Encoding built in code (nothing is downloaded);
-- `generate`: batched sampling with a KV cache: each prompt is prefilled once, its cache is
-  replicated for the G samples of its group, every row samples its own tokens and stops on its own;
-- `completion_logits`: the logits a model gives to known completion tokens after a given prefix.
-  The student (prefix = prompt) and the teacher (prefix = memory context + prompt) both use it.
+- `generate`: batched KV-cache sampling: a prompt is prefilled once for its G samples, and each row stops on its own;
+- `completion_logits`: logits for known completion tokens after a prefix (student: prompt; teacher: context + prompt).
 """
 import contextlib
 from dataclasses import dataclass
@@ -153,12 +151,8 @@ def pad_batch(seqs, device):
 
 
 def completion_logits(model, prefixes, completions, device):
-    """Logits the model gives to each completion token after its prefix.
-
-    prefixes, completions: lists (length B) of token-id lists.
-    Returns logits (B, L, V) and targets (B, L) with L = longest completion; targets past a row's
-    completion are -1 (the ignore index), so one mask serves every loss.
-    """
+    """prefixes, completions: B token-id lists each -> the logits (B, L, V) given to each completion token after its
+    prefix, and targets (B, L), L the longest completion, -1 (ignored) past a row's end: one mask serves every loss."""
     seqs = [p + c for p, c in zip(prefixes, completions)]
     h = model(pad_batch(seqs, device), head=False)  # (B, T, C)
     L = max(len(c) for c in completions)
@@ -225,12 +219,9 @@ def attn_mask(valid, T_q):
 
 @torch.no_grad()
 def generate(model, prompts, n_samples, max_new_tokens, temperature=1.0, generator=None, use_cache=True):
-    """Sample n_samples completions for each prompt (a list of token-id lists).
-
-    Returns (completions, logprobs): len(prompts) * n_samples token-id lists grouped by prompt, each ending with EOS
-    unless cut at max_new_tokens, and each token's untempered log-prob (what the losses' ratios compare the policy
-    with). temperature 0 is greedy. use_cache=False recomputes every step: the same tokens, for the speed benchmark.
-    """
+    """n_samples completions per prompt (token-id lists) -> (completions, logprobs): len(prompts) * n_samples token-id
+    lists grouped by prompt, ending with EOS unless cut at max_new_tokens, and each token's untempered log-prob (for the
+    losses' ratios). temperature 0 is greedy; use_cache=False recomputes every step (same tokens, for the benchmark)."""
     device = next(model.parameters()).device
     idx, valid, pos = left_pad(prompts, device)
     B, Tp = idx.shape
@@ -238,8 +229,7 @@ def generate(model, prompts, n_samples, max_new_tokens, temperature=1.0, generat
     assert T_max <= model.cfg.block_size, f"prompt ({Tp}) + max_new_tokens ({max_new_tokens}) exceeds block_size"
     caches = new_caches(model, B, T_max) if use_cache else None
     logits = model.head(model(idx, pos, attn_mask(valid, Tp), caches, head=False)[:, -1])  # prefill once: (B, V)
-    # replicate every row for its group
-    logits, idx, valid, pos = (t.repeat_interleave(n_samples, 0) for t in (logits, idx, valid, pos))
+    logits, idx, valid, pos = (t.repeat_interleave(n_samples, 0) for t in (logits, idx, valid, pos))  # one per sample
     if use_cache:
         for c in caches:
             c.select(torch.arange(B, device=device).repeat_interleave(n_samples))
@@ -247,8 +237,7 @@ def generate(model, prompts, n_samples, max_new_tokens, temperature=1.0, generat
     out = torch.full((N, max_new_tokens), PAD, dtype=torch.long, device=device)
     out_logp = torch.zeros(N, max_new_tokens, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
-    # asking whether every row is done makes the host wait for the device: on a GPU ask every 8 tokens, not every token
-    check_every = 1 if device.type == "cpu" else 8
+    check_every = 1 if device.type == "cpu" else 8  # asking if every row is done makes the host wait for the device
     for t in range(max_new_tokens):
         logp = F.log_softmax(logits.float(), -1)  # (N, V)
         if temperature == 0:
@@ -277,9 +266,8 @@ def generate(model, prompts, n_samples, max_new_tokens, temperature=1.0, generat
 
 @torch.no_grad()
 def completion_logits_shared(model, prefixes, completions, device):
-    """completion_logits for rows whose prefixes repeat (the G rollouts of a problem share the teacher's context and
-    prompt): each distinct prefix runs once and its cached keys and values serve its rows. The same logits as
-    completion_logits, up to float rounding; no gradient (the teacher)."""
+    """The teacher's completion_logits (no gradient; the same up to float rounding) for rows whose prefixes repeat, as
+    a problem's G rollouts do: each distinct prefix runs once and its cached keys and values serve its rows."""
     index = {}  # distinct prefix -> its row in the prefill
     rows = torch.tensor([index.setdefault(tuple(p), len(index)) for p in prefixes], device=device)  # (N,)
     idx, valid, pos = left_pad([list(k) for k in index], device)  # (U, Tp) each

@@ -106,9 +106,8 @@ def update_memory(run, rolls):
 
 @torch.no_grad()
 def reflection(model, rollouts, G):
-    """The model, greedy, reads each problem's attempts (memory.reflection_prompts) and writes their verdicts in one
-    batched generation. Returns (verdicts for Memory.update, counts: memory.fidelity against the counting rule, and
-    dropped, the parts of its lines that do not parse)."""
+    """The model, greedy, writes the verdicts on each problem's attempts (memory.reflection_prompts) in one batch.
+    Returns (verdicts for Memory.update, memory.fidelity's counts against the counting rule plus unparsed parts)."""
     chunks = reflection_prompts(rollouts, G)
     prompts = [encode(text) for _, text in chunks]
     was_training = model.training
@@ -257,12 +256,9 @@ def topk_with_tail(ls, lt, k):
 
 def distill_loss(s_logits, t_logits, targets, mask, alpha=0.5, topk=0, sampled_token=False, logp_old=None,
                  is_clip=0.0):
-    """Self-distillation on the student's own tokens, token-level mean over unmasked positions.
-
-    s_logits, t_logits (B, L, V); targets (B, L); mask (B, L) float.
-    sampled_token: the reverse-KL estimator stopgrad(log p_s(y) - log p_t(y)) * log p_s(y) on the sampled token only.
-    is_clip > 0: multiply by min(p_s(y) / p_old(y), is_clip), detached (logp_old (B, L) from the sampler).
-    """
+    """Self-distillation on the student's own tokens, token-level mean over the mask. s_logits, t_logits (B, L, V);
+    targets, mask, logp_old (B, L). sampled_token: stopgrad(log p_s(y) - log p_t(y)) * log p_s(y), the sampled token
+    only. is_clip > 0: weighted by min(p_s(y) / p_old(y), is_clip), detached."""
     ls, lt = F.log_softmax(s_logits.float(), -1), F.log_softmax(t_logits.float(), -1).detach()
     if sampled_token:
         ls_y, lt_y = token_logprobs(s_logits, targets), token_logprobs(t_logits, targets).detach()

@@ -112,8 +112,8 @@ def print_headroom(model, task, c, device):
 
 
 def fidelity_shares(counts, prefix="reflect_"):
-    """memory.fidelity's counts (summed over any number of reflections) as shares: of the verdicts written, those the
-    counting rule agrees with, flips and invents; of the rule's, those missed; and the unparsed parts, a count."""
+    """memory.fidelity's counts (summed over reflections) as shares of the verdicts written (agree, flipped,
+    invented) or of the rule's (missed), with the written and unparsed counts."""
     w, r = counts.get("written", 0), counts.get("rule", 0)
     share = lambda k, d: round(counts.get(k, 0) / d, 4) if d else None
     return {f"{prefix}{k}": v for k, v in dict(agree=share("agree", w), flipped=share("flipped", w),
@@ -133,9 +133,8 @@ def reflection_probe(model, teacher, task, c, device):
 
 
 def evaluate(model, teacher, task, memory, c, device, pass_k=False, right=None):
-    """Greedy accuracy of the memory-free student and of the teacher reading the memory on both sets (heldout_acc,
-    teacher_acc; unseen_acc, teacher_unseen_acc), the same per family, the memory's size per level (memory.census;
-    right: right_strategies(task)); with pass_k the student's pass@k; with reflect=model the reflection probe."""
+    """Greedy accuracy of the memory-free student and of the teacher reading the memory, on both sets and per family;
+    the memory's census (right: right_strategies(task)); pass@k with pass_k; the reflection probe (reflect=model)."""
     model.eval()
     out, fam, t_fam = memory.census(right or {}), {}, {}
     for name in HELDOUT:
@@ -188,9 +187,8 @@ def setup(argv, task=None):
 
 
 def start(c, task, device, rank=0, world=1):
-    """Everything a run holds, from the warm-up checkpoint (init_from=scratch) or out_dir's (resume): the student
-    (model; student is its compiled form), the teacher, the optimizer, the memory, the RNGs, the step and rollout
-    counts. A fresh run prints the headroom table."""
+    """Everything a run holds (model; student, its compiled form; teacher, optimizer, memory, RNGs, counts), from the
+    warm-up checkpoint or, with init_from=resume, out_dir's. A fresh run prints the headroom table."""
     ckpt_path, mem_path = os.path.join(c.out_dir, "ckpt.pt"), os.path.join(c.out_dir, "memory.json")
     if c.init_from == "resume":
         ckpt = load_checkpoint(ckpt_path, RESUME_KEYS)

@@ -1,31 +1,25 @@
 """
 The built-in task, hidden procedures, and its verifier.
 
-A family (an id like `A48`) is bound to a hidden plan: a short sequence of string ops. A problem is a
-family id plus an input string; the model must write the plan it chose, every intermediate string,
-then stop:   prompt `A48:kdbea>`   completion `rol,swp,mev|dbeak|bdaek|kdleb` + newline.
-The binding is compositional: step i of a plan is set by one character of the id (the letter sets step 1,
-the first digit step 2, the second digit step 3, then round again), through tables hidden from the model.
-So families that share an id character share a step, and a family RL never trains on, made of characters
-RL families use, has a plan that what holds across families (pattern memory) names in full.
-The verifier replays the trace: reward 1 iff every step is the stated op applied to the previous string
-(the trace is faithful) and the answer (the first answer_len letters of the last string) is right. A wrong
-plan can give the right answer on some inputs by coincidence: one passing trace does not prove a plan,
-evidence counted over inputs does.
+A family (an id like `A48`) has a hidden plan, a short sequence of string ops. A problem is a family id plus an input;
+the model writes its plan and every intermediate string: `A48:kdbea>` -> `rol,swp,mev|dbeak|bdaek|kdleb` + newline.
+Step i of a plan is set by one id character (the letter, the first digit, the second digit, then round again) through
+hidden tables: families that share an id character share a step, so an unseen family made of characters RL families
+use has a plan that pattern memory names. The verifier replays the trace: reward 1 iff every step is the stated op
+applied to the previous string (the trace is faithful) and the answer (the first answer_len letters of the last
+string) is right. A wrong plan can pass an input by coincidence: evidence over inputs, not one pass, proves a plan.
 
 The task interface the loop and the memory use (replace this class to plug in your own task):
     task.train, task.heldout          lists of Problem (pid, family, group, prompt, solution): RL problems, and new
-                                      inputs of the same families (evaluation only); group names the clusters a
-                                      problem belongs to, space-separated (here one per id character: `A** *4* **8`)
+                                      inputs of their families (evaluation only); group: space-separated clusters
     task.unseen                       problems of families RL never trains on (evaluation only; may be empty)
     task.verify(problem, completion)  -> (reward in {0, 1}, feedback str); never raises
     task.strategy(problem, completion) -> tuple of steps if the trace is faithful, else None
     task.max_completion               tokens a completion may take
     task.warmup_group(rng)            problems of fresh families, never used in RL (for warm-up)
     task.solve(problem)               the reference completion
-    task.attempt(problem, rng, p_right, p_lucky)  a plausible attempt, right with probability p_right, else a wrong
-                                      plan that passes this input by coincidence with probability p_lucky
-                                      (for warm-up memories)
+    task.attempt(problem, rng, p_right, p_lucky)  a plausible warm-up attempt: the right plan with probability
+                                      p_right, else with probability p_lucky a wrong plan that passes by coincidence
 """
 import itertools
 import random
@@ -142,12 +136,10 @@ class HiddenProcedures:
             self.unseen += [self._problem(f, s) for s in self._distinct_inputs(rng, n_heldout)]
 
     def _ids(self, rng, chars, per_letter):
-        """RL ids, per_letter per letter, and per letter the candidate ids of families RL never trains on. Digits follow
-        a cyclic design: within a letter they are distinct, and across letters every value is taken equally often (so
-        by two letters at the default: a digit's step has witnesses that share no other step). A candidate pairs its
-        letter with a first digit none of its RL families has: a new combination of characters RL families use, whose
-        plan (from plan_len 2 on) no RL family has, so that only what holds across families names it. (Its plan may tie
-        with another plan; any plan with the right answers passes.)"""
+        """RL ids, per_letter per letter, and per letter the candidate ids of families RL never trains on. Digits are
+        distinct within a letter and each value is taken equally often across letters (by two at the default: a
+        digit's step has witnesses that share no other step). A candidate pairs its letter with a first digit none of
+        its RL families has, so only what holds across families names its plan (from plan_len 2 on; it may tie)."""
         letters, tens, units = chars
         k = len(tens)
         rl, new = [], []
@@ -159,9 +151,8 @@ class HiddenProcedures:
         return rl, new
 
     def _bind(self, rng, chars, families):
-        """The hidden tables, step -> {id character: op}, drawn at random (distinct ops for a position's characters
-        where there are enough) among those that leave every family's plan unambiguous: a small backtracking search,
-        step by step, that drops a choice as soon as some family's plan so far starts no unambiguous plan."""
+        """The hidden tables, step -> {id character: op}: random (distinct ops for a position's characters where there
+        are enough), by backtracking that drops a choice once some family's plan so far starts no unambiguous plan."""
         starts = {p[:j] for p in self.plans for j in range(1, self.plan_len + 1)}
         slots = [(i, c) for i in range(self.plan_len) for c in chars[i % 3]]
         for distinct in (True, False):
@@ -252,9 +243,8 @@ class HiddenProcedures:
         return problem.solution
 
     def attempt(self, problem, rng, p_right=0.4, p_lucky=0.0, p_slip=0.1):
-        """A plausible attempt: the right plan; else, with probability p_lucky, a wrong plan that gives the right
-        answer on this input by coincidence (if a few draws find one); else a random plan. Executed faithfully or with
-        one slip."""
+        """The right plan with probability p_right; else with probability p_lucky a wrong plan that passes this input
+        by coincidence (if a few draws find one); else a random plan. Executed faithfully, or with one slip (p_slip)."""
         right, s = tuple(problem.solution.split("|")[0].split(",")), problem.prompt.split(":", 1)[1][:-1]
         plan = right
         if rng.random() > p_right:

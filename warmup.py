@@ -45,12 +45,10 @@ def plain_pool(task):
 
 def warmup_example(task, rng, memory_settings, p_plain=0.3, p_right=(0.0, 0.2, 0.5), p_unseen=0.35, p_reflect=0.0,
                    group_size=8):
-    """(context, prompt, completion) for one problem of fresh warm-up families.
-
-    A memory of plausible attempts (right, wrong, lucky, some unfaithful) is rendered for the target with random
-    levels; the target is always the reference solution, so the model learns to use whatever the context says.
-    p_plain: the share with no context; p_right: the rates of right attempts a memory is drawn with; p_unseen: the
-    share whose target family has no memory of its own; p_reflect: the share that teach reflection instead."""
+    """(context, prompt, completion) on fresh warm-up families: a memory of plausible attempts (right, wrong, lucky,
+    some unfaithful) rendered at random levels, and always the reference solution, so the model learns to use whatever
+    the context says. Shares: p_plain with no context, p_unseen whose target family has no memory of its own, p_reflect
+    that teach reflection instead; p_right: the rates of right attempts a memory is drawn with."""
     probs = task.warmup_group(rng)
     if rng.random() < p_plain:  # no context: half the time a family of a fixed pool, whose id always means one plan
         pool = plain_pool(task)
@@ -76,9 +74,8 @@ def warmup_example(task, rng, memory_settings, p_plain=0.3, p_right=(0.0, 0.2, 0
 
 
 def reflection_example(task, rng, problem, G):
-    """("", prompt, completion): the attempts at one warm-up problem as a reflector reads them and, as the target, the
-    verdict the counting rule draws. A group is up to G attempts drawn, with repeats, from a few distinct ones, at a
-    random rate of right plans, some cut short (malformed: no verdict to write)."""
+    """("", prompt, completion): one problem's attempts as a reflector reads them, and the counting rule's verdict.
+    Up to G attempts, repeats of a few distinct ones, at a random rate of right plans; some cut short (no verdict)."""
     rate, distinct = rng.choice((0.0, 0.2, 0.5, 0.9)), rng.randint(1, G)
     texts = [task.attempt(problem, rng, rate, p_lucky=0.3) for _ in range(distinct)]
     texts = [t[: rng.randrange(1, len(t))] + "\n" if rng.random() < 0.15 else t for t in texts]
@@ -88,10 +85,8 @@ def reflection_example(task, rng, problem, G):
 
 
 def reference_memory(task, settings, seed, budget=None):
-    """What PMD's memory holds once the policy has found each family's plan, just after a lucky pass: per RL family,
-    verified reference traces of 3 training problems with a wrong attempt each, then (the most recent experience) an
-    attempt at a 4th that passes with a wrong plan where the task has one. budget: the render budget, if not the
-    settings'."""
+    """The memory once every plan is found, just after a lucky pass: per RL family, reference traces of 3 training
+    problems with a wrong attempt each, then a wrong plan passing a 4th (if any). budget: None keeps the settings'."""
     rng = random.Random(seed)
     mem = Memory(**dict(settings, budget=budget or settings["budget"]))
     per_family = {}
@@ -127,8 +122,7 @@ WARMUP_KEYS = ("plan_len", "n_ops", "input_len", "answer_len", "n_layer", "n_hea
 
 
 def warmup(c, task, device):
-    """The warm-up checkpoint for this config and task: loaded from cache_dir, or trained and cached. A cached file
-    that does not load is a cache miss: retrained and overwritten."""
+    """The warm-up model for this config and task, from cache_dir; trained and cached if absent or unloadable."""
     problems = [p.pid for p in task.train + task.heldout + task.unseen]  # a task's settings show in its problems
     key = dict({k: getattr(c, k) for k in WARMUP_KEYS}, task=type(task).__name__, max_completion=task.max_completion,
                version=WARMUP_VERSION, problems=hashlib.sha1(json.dumps(problems).encode()).hexdigest(),
@@ -153,10 +147,8 @@ def warmup(c, task, device):
 
 
 def train_warmup(model, c, task, device):
-    """Supervised steps on fresh warm-up families (warmup_example) in three phases: executing a plan with no
-    context (the first 5/12 of the steps), reading memories richer in right attempts than RL's (to 11/12), then the mix
-    RL's memories have. Execution first is what makes the warm-up reliable. reflect=model adds reflection to the
-    last two."""
+    """Supervised phases: plans executed without context (the first 5/12 of steps: this makes the warm-up reliable),
+    memories richer in right plans than RL's (to 11/12), RL's mix. reflect=model adds reflection to the last two."""
     rng = random.Random(c.warmup_seed)
     opt = torch.optim.AdamW(model.parameters(), lr=c.warmup_lr, weight_decay=0.0)
     settings, batches = settings_of(c), []

@@ -122,14 +122,15 @@ def tiny_run(task, memory=None, seed=0, **settings):
 
 # -----------------------------------------------------------------------------
 # background jobs: the slowest tests are processes (bench.py's runs, torchrun's ranks) whose start is mostly imports
-# and whose runs wait on each other; a module's jobs start with its first test, two at a time, side by side.
+# and whose runs wait on each other. Every job a selected test needs starts with the session, two at a time, in
+# the order of their modules, so that they run beside the in-process tests (one core's work) instead of after them.
 
 BACKGROUND = {}  # (module, name) -> (fn(tmp_path), the one test that needs it or None: all the module's)
 
 
 def background(fn, test=None):
-    """Register fn(tmp_path) as a job of its module, started with the module's first test if a test of the module (or
-    the test named) runs: `jobs[fn.__module__, fn.__name__]` is a future of its result."""
+    """Register fn(tmp_path) as a job of its module, run if a test of the module (or the test named) is selected:
+    `jobs[fn.__module__, fn.__name__]` is a future of its result."""
     BACKGROUND[fn.__module__, fn.__name__] = fn, test
     return fn
 
@@ -145,15 +146,13 @@ def in_background(body):
     return test
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def jobs(request, tmp_path_factory):
-    """The module's jobs that the tests of this session need, two at a time in threads; the module ends when they
-    have."""
-    module = request.module.__name__
-    tests = {item.originalname for item in request.session.items if getattr(item, "module", None) is request.module}
-    mine = {key: fn for key, (fn, test) in BACKGROUND.items() if key[0] == module and (test is None or test in tests)}
-    if not mine:
-        yield {}
-        return
+    """The jobs that the selected tests need, two at a time in threads; the session ends when they have."""
+    selected = [(item.module.__name__, item.originalname) for item in request.session.items if hasattr(item, "module")]
+    modules = list(dict.fromkeys(module for module, _ in selected))
+    wanted = [key for key, (fn, test) in BACKGROUND.items()
+              if key[0] in modules and (test is None or (key[0], test) in selected)]
+    wanted.sort(key=lambda key: modules.index(key[0]))
     with ThreadPoolExecutor(max_workers=2) as pool:
-        yield {key: pool.submit(fn, tmp_path_factory.mktemp(key[1][:30])) for key, fn in mine.items()}
+        yield {key: pool.submit(BACKGROUND[key][0], tmp_path_factory.mktemp(key[1][:30])) for key in wanted}

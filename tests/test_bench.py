@@ -21,8 +21,11 @@ def table(out):
 
 
 def bench(args, tmp_path):
+    """python bench.py args, through tests/forked.py: its train.py runs are forked from a process that has imported
+    torch (a child Python spends about 2 s of CPU on that import). The SIGKILL and torchrun tests keep real children."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
-    p = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), *args, f"--bench_dir={tmp_path / 'bench'}",
+    runner = [os.path.join(REPO, "tests", "forked.py"), "bench.py"]
+    p = subprocess.run([sys.executable, *runner, *args, f"--bench_dir={tmp_path / 'bench'}",
                         f"--cache_dir={tmp_path / 'cache'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=600)
     return p
@@ -145,7 +148,7 @@ def test_speed_prints_the_speedup_the_phases_and_the_memory_cost(tmp_path):
     for phase in ("rollout", "verify", "memory", "teacher", "student", "optimizer"):
         assert any(l.strip().startswith(phase) and "%" in l for l in out.splitlines()), phase
     saved = json.load(open(tmp_path / "out" / "bench" / "speed.json"))
-    assert saved["memory"]["grown 100x"]["families"] >= 100 * saved["memory"]["run's memory"]["families"] - 1
+    assert {"rollout", "verify", "memory", "teacher", "student", "optimizer"} <= set(saved["step"]["phases_ms"])
 
 
 def test_claims_are_paired_differences_with_their_standard_error():

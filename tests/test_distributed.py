@@ -1,5 +1,6 @@
 """torchrun with 2 CPU ranks (gloo): the ranks hold identical weights and memory at every checkpoint, the check
-catches ranks that drift apart, the memory sees every rank's rollouts, and a resumed run is exact."""
+catches ranks that drift apart, the memory sees every rank's rollouts, and a resumed run is exact. The resume is
+torchrun's own; the other runs fork their ranks (tests/forked.py --ranks=2)."""
 import ast
 import hashlib
 import json
@@ -47,10 +48,14 @@ except ValueError as e:
 """
 
 
-def torchrun(args, script="train.py", **env_vars):
+def torchrun(args, script="train.py", real=True, **env_vars):
+    """torchrun's 2 ranks of script; real=False: tests/forked.py's stand-in, which forks them from a process that has
+    imported torch (torchrun's launcher and each rank would spend about 2 s of CPU each on that import)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHASHSEED", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(env_vars, OMP_NUM_THREADS="1")  # each rank gets its own str-hash seed: nothing may depend on it
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if real else [
+        sys.executable, os.path.join(REPO, "tests", "forked.py"), "--ranks=2"]
+    cmd += [script, *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -68,12 +73,12 @@ RESUME = "--init_from=resume"
 
 @background
 def straight_and_resumed(root):
-    """A 3-step run, then a 2-step run resumed to 3 in its warm-up cache: (the three processes, the straight run's
-    (out_dir, cache_dir), the resumed run's out_dir)."""
+    """A 3-step run, then a 2-step run (both forked) resumed to 3 by torchrun in its warm-up cache: (the three
+    processes, the straight run's (out_dir, cache_dir), the resumed run's out_dir)."""
     out, cache, resumed = root / "out", root / "cache", root / "resumed"
-    procs = [torchrun(ARGS + ["--steps=3"] + dirs(out, cache))]
-    for extra in (["--steps=2"], ["--steps=3", RESUME]):
-        procs.append(torchrun(ARGS + extra + dirs(resumed, cache)))
+    procs = [torchrun(ARGS + ["--steps=3"] + dirs(out, cache), real=False)]
+    for extra, real in ((["--steps=2"], False), (["--steps=3", RESUME], True)):
+        procs.append(torchrun(ARGS + extra + dirs(resumed, cache), real=real))
     return procs, (out, cache), resumed
 
 
@@ -81,7 +86,7 @@ def drifting(drift):
     def job(root):
         script = root / "drift.py"
         script.write_text(DRIFT)
-        return torchrun(ARGS + ["--steps=1"] + dirs(root / "out", root / "cache"), script=str(script),
+        return torchrun(ARGS + ["--steps=1"] + dirs(root / "out", root / "cache"), script=str(script), real=False,
                         PMD_DRIFT=drift), root / "out"
     job.__name__ = f"drift_{drift}"
     return background(job)
@@ -93,7 +98,7 @@ for kind in ("memory", "weights"):
 
 @background
 def reflecting(root):
-    return torchrun(ARGS + ["--steps=2", "--reflect=model"] + dirs(root / "out", root / "cache"))
+    return torchrun(ARGS + ["--steps=2", "--reflect=model"] + dirs(root / "out", root / "cache"), real=False)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from memory import LEVELS, Memory  # noqa: E402
 from model import decode  # noqa: E402
 from pmd import Rollout  # noqa: E402
 from verify import HiddenProcedures  # noqa: E402
-from conftest import run_script  # noqa: E402
+from conftest import background, quiet, run_script  # noqa: E402
 
 TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--warmup_steps=3", "--warmup_batch=8", "--prompts_per_step=2",
         "--group_size=2", "--replay=2", "--n_train=4", "--n_heldout=2", "--device=cpu"]
@@ -84,12 +84,11 @@ def ckpt_step(d):
 
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
-    """An uninterrupted 6-step run (it also fills the shared warm-up cache)."""
+    """An uninterrupted 6-step run, in this process (it also fills the shared warm-up cache). The runs it is compared
+    with ran in child processes with PYTHONHASHSEEDs of their own, so nothing may depend on str hashing."""
     root = tmp_path_factory.mktemp("ref")
     r = SimpleNamespace(out=root / "out", cache=root / "cache", root=root)
-    p = popen(RUN + dirs(r.out, r.cache), hashseed=1)
-    out, err = p.communicate(timeout=120)
-    assert p.returncode == 0, err
+    quiet(train.main, RUN + dirs(r.out, r.cache))
     return r
 
 
@@ -114,17 +113,28 @@ def assert_same_run(x, y, teacher=True):
 # 1. resume is bit-exact after a SIGKILL (and 2. a kill in the middle of a save leaves the previous checkpoint)
 
 
-def test_resume_after_sigkill_is_bit_exact(ref, tmp_path):
-    """Two runs SIGKILLed at points chosen in advance (no clock involved): a, right after step 3 (its step-2 checkpoint
-    written, step 3's work lost); b, half-way through writing step 4's checkpoint. Each resumed ends as the run that
-    was never interrupted."""
+def killed_runs(tmp_path):
+    """The two runs of test_resume_after_sigkill_is_bit_exact that are SIGKILLed, child processes started with the
+    module (conftest.background) while this process runs its other tests; each trains its own warm-up (cache_dir).
+    Returns (a, b, their return codes)."""
     a, b = tmp_path / "a", tmp_path / "b"
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(WRAPPER)
-    pa = popen(RUN + dirs(a, ref.cache), hashseed=2, script=str(wrapper), mode="kill_after_step_3")
-    pb = popen(RUN + dirs(b, ref.cache), hashseed=3, script=str(wrapper), mode="kill_mid_save")
+    pa = popen(RUN + dirs(a, tmp_path / "cache_a"), hashseed=2, script=str(wrapper), mode="kill_after_step_3")
+    pb = popen(RUN + dirs(b, tmp_path / "cache_b"), hashseed=3, script=str(wrapper), mode="kill_mid_save")
     pa.communicate(timeout=120), pb.communicate(timeout=120)
-    assert pa.returncode == pb.returncode == -signal.SIGKILL
+    return a, b, (pa.returncode, pb.returncode)
+
+
+background(killed_runs, test="test_resume_after_sigkill_is_bit_exact")
+
+
+def test_resume_after_sigkill_is_bit_exact(ref, jobs):
+    """Two runs SIGKILLed at points chosen in advance (no clock involved): a, right after step 3 (its step-2 checkpoint
+    written, step 3's work lost); b, half-way through writing step 4's checkpoint. Each resumed (here) ends as the run
+    that was never interrupted (here too)."""
+    a, b, codes = jobs[__name__, "killed_runs"].result()
+    assert codes == (-signal.SIGKILL, -signal.SIGKILL)
     # a died after step 3: the step-2 checkpoint and the evaluations up to step 2 are all there is
     assert ckpt_step(a) == 2 and [json.loads(line)["step"] for line in open(a / "metrics.jsonl")] == [0, 2]
     # b died half-way through writing step 4's checkpoint, after logging step 4: the step-2 checkpoint is intact
@@ -132,10 +142,8 @@ def test_resume_after_sigkill_is_bit_exact(ref, tmp_path):
     assert json.loads(open(b / "metrics.jsonl").readlines()[-1])["step"] == 4
     with open(b / "metrics.jsonl", "a") as f:  # and a torn line, as from a kill in the middle of logging
         f.write('{"step": 6, "meth')
-    pa, pb = (popen(RUN + dirs(d, ref.cache) + ["--init_from=resume"], hashseed=h) for d, h in ((a, 4), (b, 5)))
-    for p in (pa, pb):
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
+    for d in (a, b):
+        quiet(train.main, RUN + dirs(d, ref.cache) + ["--init_from=resume"])
     assert_same_run(ref.out, a)
     assert_same_run(ref.out, b)
 
