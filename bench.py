@@ -279,7 +279,8 @@ def pyplot(path):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return print(f"matplotlib is not installed: no {path} (pip install matplotlib)")
+        print(f"matplotlib is not installed: no {path} (pip install matplotlib)")
+        return None
     return plt
 
 
@@ -524,7 +525,8 @@ def plot_points(records, points, variants, xs, xlabel, diffs, path, log=False):
     plt = pyplot(path)
     if plt is None:
         return
-    fig, axes = plt.subplots(1, 2 + bool(diffs), figsize=(5.7 * (2 + bool(diffs)), 4.5))
+    panels = 2 + bool(diffs)  # the differences' panel only where there are differences
+    fig, axes = plt.subplots(1, panels, figsize=(5.7 * panels, 4.5))
     order = sorted(range(len(points)), key=lambda i: xs[i])
     x = [xs[i] for i in order]
     for ax, (key, name) in zip(axes, SETS.items()):

@@ -256,9 +256,10 @@ def topk_with_tail(ls, lt, k):
 
 def distill_loss(s_logits, t_logits, targets, mask, alpha=0.5, topk=0, sampled_token=False, logp_old=None,
                  is_clip=0.0):
-    """Self-distillation on the student's own tokens, token-level mean over the mask. s_logits, t_logits (B, L, V);
-    targets, mask, logp_old (B, L). sampled_token: stopgrad(log p_s(y) - log p_t(y)) * log p_s(y), the sampled token
-    only. is_clip > 0: weighted by min(p_s(y) / p_old(y), is_clip), detached."""
+    """Self-distillation on the student's own tokens, token-level mean over unmasked positions.
+    s_logits, t_logits (B, L, V); targets, mask, logp_old (B, L; logp_old from the sampler).
+    sampled_token: the reverse-KL estimator stopgrad(log p_s(y) - log p_t(y)) * log p_s(y), on the sampled token only.
+    is_clip > 0: weighted by min(p_s(y) / p_old(y), is_clip), detached."""
     ls, lt = F.log_softmax(s_logits.float(), -1), F.log_softmax(t_logits.float(), -1).detach()
     if sampled_token:
         ls_y, lt_y = token_logprobs(s_logits, targets), token_logprobs(t_logits, targets).detach()

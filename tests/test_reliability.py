@@ -115,7 +115,7 @@ def assert_same_run(x, y, teacher=True):
 
 def killed_runs(tmp_path):
     """The two runs of test_resume_after_sigkill_is_bit_exact that are SIGKILLed, child processes started with the
-    module (conftest.background) while this process runs its other tests; each trains its own warm-up (cache_dir).
+    session (conftest.background) while this process runs other tests; each trains its own warm-up (cache_dir).
     Returns (a, b, their return codes)."""
     a, b = tmp_path / "a", tmp_path / "b"
     wrapper = tmp_path / "wrapper.py"
