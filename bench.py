@@ -63,8 +63,7 @@ WITH_MEMORY = ("frozen-policy",)  # scored by the policy reading its memory (the
 NO_LAG = WITH_MEMORY + ("pmd-transient",)  # no internalisation lag: a policy never trained, a memory gone every step
 METHODS = ("grpo", "sdpo", "rft", "pmd")
 SWEEP = dict(lr=(1e-4, 3e-4, 1e-3), replay_weight=(0.1, 1.0), updates=(1, 4))  # the same grid for every method
-SWEEP_TASK = []  # the setting the sweep tunes at: the default
-SWEEP_SEEDS = (101, 102)
+SWEEP_SEEDS = "101,102"
 EVERY = ["--eval_interval=10"]  # curves at every 640 rollouts (train.py's default evaluates half as often)
 BENCH = dict(  # bench.py's own options, --key=value; each comment starts with what is allowed, checked before any work
     seeds="1337,1,2,3,4",  # distinct ints in [0, 4294967295], comma-separated
@@ -386,28 +385,40 @@ def bench(opts, common):
     plot(records, variants, os.path.join(opts["bench_dir"], "curves.png"))
 
 
+def along(opts, common, name, variants, points, xs=None, xlabel="", diffs=(), log=False, xfmt="{:.3f}"):
+    """Every variant at every point (train.py arguments on top of the default setting), on opts' seeds: name.json, a
+    table per evaluation set (a row per point: its x, each variant's final accuracy, each paired difference) and
+    name.png. xs(records): each point's x (None: no x, no plot). Returns the records."""
+    t0 = time.time()
+    records, _ = run_points(opts, common, list(variants), points)
+    save_json(records, os.path.join(opts["bench_dir"], f"{name}.json"))
+    x = list(xs(records)) if xs else []
+    reads = "".join(f"; {v} reads its memory" for v in variants if v in WITH_MEMORY)
+    print(f"\nfinal accuracy (greedy{reads}), mean ± std over seeds {opts['seeds']}: python bench.py "
+          f"{' '.join(sys.argv[1:])}")
+    head = ["setting", *([xlabel] if x else []), *variants, *(f"{a} - {b}" for a, b in diffs)]
+    for key, set_name in SETS.items():
+        print(f"\n{set_name}:\n\n{md(head)}\n{md(['---'] * len(head))}")
+        for i, p in enumerate(points):
+            acc = lambda v: [r.get(f"{key}_acc") for r in records if r["method"] == v and r["point"] == list(p)]
+            ds = [paired(records, a, b, key, p) for a, b in diffs]
+            xcell = [xfmt.format(x[i])] if x else []
+            print(md([" ".join(a[2:] for a in p) or "default", *xcell, *(mean_std(acc(v)) for v in variants),
+                      *("-" if d is None else f"{d[0]:+.3f} ± {d[1]:.3f}" for d in ds)]))
+    print(f"\nwall time {(time.time() - t0) / 60:.1f} min; wrote {opts['bench_dir']}/{name}.json")
+    if x:
+        plot_points(records, points, variants, x, xlabel, diffs, os.path.join(opts["bench_dir"], f"{name}.png"), log)
+    return records
+
+
 def difficulty(opts, common):
-    """Every method at every setting of the knob, on the benchmark's seeds; the default setting's runs are the
-    benchmark's own (same arguments, same directories)."""
-    knob, values, t0 = *knob_values(opts["knob"]), time.time()
+    """Every method at every value of the knob, on the benchmark's seeds (the default value's runs are the benchmark's
+    own); x: the initial success rate, the warm-up policy's pass@1 (sampled) on new inputs, mean over seeds."""
+    knob, values = knob_values(opts["knob"])
     points = [() if val == getattr(config, knob) else (f"--{knob}={val}",) for val in values]
-    records, _ = run_points(opts, common, list(METHODS), points)
-    for r in records:
-        r[knob] = values[points.index(tuple(r["point"]))]
-    save_json(records, os.path.join(opts["bench_dir"], "difficulty.json"))
-    start = {val: statistics.mean(r["start_pass1"] for r in records if r[knob] == val) for val in values}
-    print(f"\nfinal memory-free accuracy (greedy) at {records[0]['rollouts']} rollouts against {knob}, mean ± std over "
-          f"{len(opts['seeds'].split(','))} seeds: python bench.py {' '.join(sys.argv[1:])}")
-    for key, name in SETS.items():
-        print(f"\n{name}:\n\n" + md(["method", *(f"{knob}={val} (start {start[val]:.3f})" for val in values)]))
-        print(md(["---"] * (len(values) + 1)))
-        for m in METHODS:
-            accs = lambda val: [r.get(f"{key}_acc") for r in records if r["method"] == m and r[knob] == val]
-            print(md([m, *(mean_std(accs(val)) for val in values)]))
-    print("\n'start' is the initial success rate: the warm-up policy's pass@1 (sampled) on new inputs, mean over "
-          f"seeds. Wall time {(time.time() - t0) / 60:.1f} min; wrote {opts['bench_dir']}/difficulty.json")
-    plot_points(records, points, METHODS, [max(start[val], 1e-4) for val in values], "initial success rate (warm-up "
-                "pass@1 on new inputs; 0 at 1e-4)", [], os.path.join(opts["bench_dir"], "difficulty.png"), log=True)
+    start = lambda records: [max(statistics.mean(r["start_pass1"] for r in records if r["point"] == list(p)), 1e-4)
+                             for p in points]
+    along(opts, common, "difficulty", METHODS, points, start, "initial success rate (0 at 1e-4)", log=True)
 
 
 def knob_values(spec):
@@ -436,17 +447,9 @@ def coverage(records, point):
 def pressure(opts, common):
     """Exploration pressure: RL families at a fixed rollout budget (PRESSURE), against the frozen policy's coverage;
     PMD minus each frozen variant, paired over seeds, at every point."""
-    t0 = time.time()
-    records, _ = run_points(opts, common, list(PRESSURE_VARIANTS), PRESSURE)
-    save_json(records, os.path.join(opts["bench_dir"], "pressure.json"))
-    cover = [coverage(records, p) for p in PRESSURE]
-    print(f"\nfinal accuracy (greedy; frozen-policy reads its memory) against exploration pressure, mean ± std over "
-          f"seeds: python bench.py {' '.join(sys.argv[1:])}")
-    points_table(records, PRESSURE, PRESSURE_VARIANTS, [f"{x:.2f}" for x in cover], "frozen policy's coverage",
-                 [("pmd", "frozen-policy"), ("pmd", "frozen-memory")])
-    print(f"\nwall time {(time.time() - t0) / 60:.1f} min; wrote {opts['bench_dir']}/pressure.json")
-    plot_points(records, PRESSURE, PRESSURE_VARIANTS, cover, "frozen policy's memory: families confirmed right",
-                [("pmd", "frozen-policy"), ("pmd", "frozen-memory")], os.path.join(opts["bench_dir"], "pressure.png"))
+    along(opts, common, "pressure", PRESSURE_VARIANTS, PRESSURE, lambda rs: [coverage(rs, p) for p in PRESSURE],
+          "frozen policy's memory: families confirmed right", [("pmd", "frozen-policy"), ("pmd", "frozen-memory")],
+          xfmt="{:.2f}")
 
 
 def lucky_rate(point):
@@ -460,28 +463,24 @@ def lucky_rate(point):
 
 
 def lucky(opts, common):
-    """Lucky passes: answer_len 3, 2, 1 (LUCKY) with the memory levels cumulated; the lucky-pass rate of each table
-    and the headroom table's teacher with experience against with insight."""
-    t0, seeds = time.time(), opts["seeds"].split(",")
-    records, _ = run_points(opts, common, list(LUCKY_VARIANTS), LUCKY)
-    save_json(records, os.path.join(opts["bench_dir"], "lucky.json"))
-    rates, heads = [], []
+    """Lucky passes: answer_len 3, 2, 1 (LUCKY) with the memory levels cumulated, against the lucky-pass rate of the
+    seeds' tables; then the headroom table's teacher with experience against with insight at each setting."""
+    seeds = opts["seeds"].split(",")
+    rates = [statistics.mean(lucky_rate((*p, f"--task_seed={s}")) for s in seeds) for p in LUCKY]
+    along(opts, common, "lucky", LUCKY_VARIANTS, LUCKY, lambda _: rates, "lucky-pass rate",
+          [("experience+insight", "experience-only"), ("pmd", "experience+insight")], log=True, xfmt="{:.4f}")
+    heads = []
     for p in LUCKY:
-        rates.append(statistics.mean(lucky_rate((*p, f"--task_seed={s}")) for s in seeds))
         rows = []
         for s in seeds:
             c, task, device, _, _ = train.setup([*p, f"--seed={s}", *family_table(s, common), *common,
                                                  f"--out_dir={tempfile.mkdtemp()}"])
             rows.append(train.headroom(warmup(c, task, device).eval(), task, c)["heldout"])
-        heads.append(" / ".join(mean_std([r[k] for r in rows]) for k in ("teacher+experience", "teacher+insight")))
-    print(f"\nfinal memory-free accuracy (greedy) against the lucky-pass rate, mean ± std over seeds: "
-          f"python bench.py {' '.join(sys.argv[1:])}")
-    points_table(records, LUCKY, LUCKY_VARIANTS, [f"{x:.4f} ({h})" for x, h in zip(rates, heads)],
-                 "lucky-pass rate (headroom: teacher with experience / with insight)",
-                 [("experience+insight", "experience-only"), ("pmd", "experience+insight")])
-    print(f"\nwall time {(time.time() - t0) / 60:.1f} min; wrote {opts['bench_dir']}/lucky.json")
-    plot_points(records, LUCKY, LUCKY_VARIANTS, rates, "lucky-pass rate (a wrong plan passes an input)",
-                [("experience+insight", "experience-only")], os.path.join(opts["bench_dir"], "lucky.png"), log=True)
+        heads.append([mean_std([r[k] for r in rows]) for k in ("teacher+experience", "teacher+insight")])
+    print("\nheadroom after warm-up on new inputs, mean ± std over seeds:\n\n"
+          + md(["setting", "teacher+experience", "teacher+insight"]) + "\n" + md(["---"] * 3))
+    for p, head in zip(LUCKY, heads):
+        print(md([" ".join(a[2:] for a in p) or "default", *head]))
 
 
 def budget(opts, common):
@@ -505,19 +504,6 @@ def budget(opts, common):
             cells.append("-" if se is None else f"{statistics.mean(d):+.3f} ± {se:.3f}")
         print(md(cells))
     plot(records, list(BUDGET_VARIANTS), os.path.join(opts["bench_dir"], "budget.png"))
-
-
-def points_table(records, points, variants, xs, xname, diffs):
-    """Per evaluation set: a row per point (its x, each variant's accuracy, each paired difference)."""
-    for key, name in SETS.items():
-        print(f"\n{name}:\n\n" + md(["setting", xname, *variants, *(f"{a} - {b}" for a, b in diffs)]))
-        print(md(["---"] * (2 + len(variants) + len(diffs))))
-        for p, x in zip(points, xs):
-            accs = [mean_std([r.get(f"{key}_acc") for r in records if r["method"] == v and r["point"] == list(p)])
-                    for v in variants]
-            ds = [paired(records, a, b, key, p) for a, b in diffs]
-            print(md([" ".join(a[2:] for a in p) or "default", x, *accs,
-                      *("-" if d is None else f"{d[0]:+.3f} ± {d[1]:.3f}" for d in ds)]))
 
 
 def plot_points(records, points, variants, xs, xlabel, diffs, path, log=False):
@@ -553,42 +539,23 @@ def plot_points(records, points, variants, xs, xlabel, diffs, path, log=False):
     print(f"wrote {path}")
 
 
-def sweep_grid():
-    """The SWEEP grid's points."""
-    return [dict(lr=lr, replay_weight=w, updates=u)
+
+def sweep_points():
+    """The SWEEP grid's points, each as train.py arguments."""
+    return [(f"--lr={lr:g}", f"--replay_weight={w:g}", f"--updates={u}")
             for u in SWEEP["updates"] for lr in SWEEP["lr"] for w in SWEEP["replay_weight"]]
 
 
-def sweep_jobs(grid, cells, common):
-    """(name, train.py args) of each (method, grid point, seed) cell."""
-    name = lambda g: f"lr{g['lr']:g}-rw{g['replay_weight']:g}-u{g['updates']}"
-    args = lambda m, g, s: [*VARIANTS[m], *(f"--{k}={v}" for k, v in g.items()), f"--seed={s}",
-                            *family_table(s, common), *EVERY, *SWEEP_TASK, *common]
-    return [(f"sweep-{m}-{name(grid[i])}-s{s}", args(m, grid[i], s)) for m, i, s in cells]
-
-
 def sweep(opts, common):
-    """Every method at every point of the SWEEP grid, at SWEEP_TASK, on seeds the benchmark does not use."""
-    grid = sweep_grid()
-    cells = [(m, i, s) for m in METHODS for i in range(len(grid)) for s in SWEEP_SEEDS]
-    jobs = sweep_jobs(grid, cells, common)
-    results = run_all(jobs, opts["bench_dir"], opts["workers"], warmups(SWEEP_SEEDS, common, SWEEP_TASK))
-    acc = {}
-    for (name, _), (m, i, s) in zip(jobs, cells):
-        acc.setdefault((m, i), []).append(results[name]["metrics"][-1]["heldout_acc"])
-    print(f"\nfinal memory-free accuracy on new inputs, mean ± std over seeds {SWEEP_SEEDS}, {' '.join(SWEEP_TASK)}: "
-          f"python bench.py {' '.join(sys.argv[1:])}\n")
-    print(md(["method", *(f"lr {g['lr']:g}, w {g['replay_weight']:g}, {g['updates']} upd." for g in grid)]))
-    print(md(["---"] * (len(grid) + 1)))
-    best = {}
-    for m in METHODS:
-        print(md([m, *(mean_std(acc[m, i]) for i in range(len(grid)))]))
-        best[m] = grid[max(range(len(grid)), key=lambda i: statistics.mean(acc[m, i]))]
+    """Every method at every point of the SWEEP grid, on seeds the benchmark does not use (SWEEP_SEEDS); TUNED is
+    each method's best on new inputs."""
+    points = sweep_points()
+    records = along(dict(opts, seeds=SWEEP_SEEDS), common, "sweep", METHODS, points)
+    mean = lambda m, p: statistics.mean(r["heldout_acc"] for r in records if r["method"] == m and r["point"] == list(p))
+    best = {m: tuned_of(list(max(points, key=lambda p: mean(m, p)))) for m in METHODS}
     said = lambda rows: "; ".join(f"{m} lr {t['lr']:g} replay_weight {t['replay_weight']:g} updates {t['updates']}"
                                   for m, t in rows.items())
     print(f"\nbest: {said(best)}\nbench.py uses (TUNED): {said(TUNED)}")
-    save_json(dict(grid=grid, seeds=SWEEP_SEEDS, task=SWEEP_TASK, acc={f"{m} {i}": a for (m, i), a in acc.items()},
-                   best=best), os.path.join(opts["bench_dir"], "sweep.json"))
 
 
 # -----------------------------------------------------------------------------
@@ -671,7 +638,7 @@ def speed_step(run, steps):
     return out
 
 
-def speed(common):
+def speed(_, common):
     """bench.py --speed: the default config unless settings say otherwise; the cached warm-up (trained if missing)."""
     with tempfile.TemporaryDirectory() as d:
         c, task, device, _, _ = train.setup(common + [f"--out_dir={d}"])
@@ -688,10 +655,11 @@ def speed(common):
 
 
 def main(argv):
-    mode = "bench"
-    opts, common = dict(BENCH), []
+    modes = dict(bench=bench, sweep=sweep, difficulty=difficulty, speed=speed, pressure=pressure, lucky=lucky,
+                 budget=budget)
+    mode, opts, common = "bench", dict(BENCH), []
     for a in argv:
-        if a in ("--speed", "--sweep", "--difficulty", "--pressure", "--lucky", "--budget"):
+        if a.startswith("--") and a[2:] in modes:
             mode = a[2:]
         elif a in ("-h", "--help"):
             print(__doc__)
@@ -708,9 +676,6 @@ def main(argv):
         opts["seeds"] = SWEEP_SEEDS_3
     check_options(opts)
     configure(common)  # a bad setting fails now; run_all checks every run's own arguments before any run starts
-    if mode == "speed":
-        return speed(common)
-    modes = dict(bench=bench, sweep=sweep, difficulty=difficulty, pressure=pressure, lucky=lucky, budget=budget)
     modes[mode](opts, common)
 
 

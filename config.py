@@ -94,8 +94,7 @@ reflect = "count"  # count|model: who writes the insights' verdicts: the countin
 # -----------------------------------------------------------------------------
 CONFIG_KEYS = [k for k, v in dict(globals()).items() if k.islower() and isinstance(v, (int, float, bool, str))]
 CONFIG_KEYS = CONFIG_KEYS[CONFIG_KEYS.index("out_dir") :]
-TASK_SETTINGS = ("plan_len", "n_ops", "n_groups", "families_per_group", "input_len", "n_train", "n_heldout",
-                 "n_unseen", "answer_len")
+TASK_SETTINGS = tuple(RANGES)  # the built-in task's settings
 
 
 def config_block():

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 
@@ -17,7 +18,8 @@ TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--warmup_steps=3", "--warmu
 
 def table(out):
     """The rows of the tables bench.py prints, without their header and separator lines."""
-    return [line for line in out.splitlines() if line.startswith("| ") and not line.startswith(("| method", "| ---"))]
+    heads = ("| method", "| setting", "| ---")
+    return [line for line in out.splitlines() if line.startswith("| ") and not line.startswith(heads)]
 
 
 def bench(args, tmp_path):
@@ -104,16 +106,21 @@ def test_difficulty_sweep_runs_every_method_at_every_setting_and_resumes(tmp_pat
     p = bench(args, tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "[8/8]" in p.stdout and "new inputs:" in p.stdout and "unseen families:" in p.stdout
-    assert [row.split("|")[1].strip() for row in table(p.stdout)] == ["grpo", "sdpo", "rft", "pmd"] * 2
-    assert "plan_len=1 (start " in p.stdout and "plan_len=3 (start " in p.stdout
+    rows = [[cell.strip() for cell in row.split("|")[1:-1]] for row in table(p.stdout)]
+    assert [row[0] for row in rows] == ["plan_len=1", "plan_len=3"] * 2
     records = json.load(open(tmp_path / "bench" / "difficulty.json"))
     want = [(m, k) for m in ("grpo", "sdpo", "rft", "pmd") for k in (1, 3)]
-    assert sorted((r["method"], r["plan_len"]) for r in records) == sorted(want)
+    assert sorted((r["method"], int(r["point"][0].split("=")[1])) for r in records) == sorted(want)
     for r in records:  # each run's own numbers: pass@1 before RL, accuracy at the end
-        d = tmp_path / "bench" / "runs" / f"{r['method']}-plan_len{r['plan_len']}-s1"
+        k = r["point"][0].split("=")[1]
+        d = tmp_path / "bench" / "runs" / f"{r['method']}-plan_len{k}-s1"
         evals = [json.loads(line) for line in open(d / "metrics.jsonl")]
         assert r["start_pass1"] == evals[0]["heldout_pass@1"] and r["unseen_acc"] == evals[-1]["unseen_acc"]
         assert 0 <= r["start_pass1"] <= 1 and 0 <= r["unseen_acc"] <= 1
+        start = statistics.mean(q["start_pass1"] for q in records if q["point"] == r["point"])
+        row = next(row for row in rows if row[0] == f"plan_len={k}")  # new inputs come first
+        assert row[1] == f"{max(start, 1e-4):.3f}"  # the setting's x: its initial success rate
+        assert row[2 + ["grpo", "sdpo", "rft", "pmd"].index(r["method"])] == f"{r['heldout_acc']:.3f}"
     for k in (1, 3):  # a setting's value reaches every run of that setting
         args_k = json.load(open(tmp_path / "bench" / "runs" / f"pmd-plan_len{k}-s1" / "done.json"))["args"]
         assert f"--plan_len={k}" in args_k
@@ -199,15 +206,15 @@ def test_bench_with_the_models_reflection_trains_its_own_warmups_first_and_repor
 
 
 def test_sweep_grid_crosses_every_setting_and_names_each_in_its_runs():
-    """Every (lr, replay weight, updates) point once; each point's settings are in its run's name and arguments."""
-    grid = bench_module.sweep_grid()
+    """Every (lr, replay weight, updates) point once; each point's settings are in its run's name and are the ones the
+    run uses (they override the method's row of TUNED)."""
+    points = bench_module.sweep_points()
     sweep = bench_module.SWEEP
-    assert len(grid) == len(sweep["lr"]) * len(sweep["replay_weight"]) * len(sweep["updates"])
-    assert len({tuple(sorted(g.items())) for g in grid}) == len(grid)
-    point = lambda u: next(i for i, g in enumerate(grid)
-                           if g["updates"] == u and g["lr"] == 3e-4 and g["replay_weight"] == 0.1)
-    one, four = point(1), point(4)
-    [(n1, a1), (n4, a4)] = bench_module.sweep_jobs(grid, [("grpo", one, 101), ("grpo", four, 101)], [])
-    assert n1 == "sweep-grpo-lr0.0003-rw0.1-u1-s101"
-    assert "--updates=1" in a1 and "--lr=0.0003" in a1 and "--replay_weight=0.1" in a1
-    assert n4 == "sweep-grpo-lr0.0003-rw0.1-u4-s101" and a4 == [a.replace("--updates=1", "--updates=4") for a in a1]
+    assert len(points) == len(sweep["lr"]) * len(sweep["replay_weight"]) * len(sweep["updates"])
+    settings = [bench_module.tuned_of(list(p)) for p in points]
+    assert len({tuple(sorted(s.items())) for s in settings}) == len(points)
+    assert {s["lr"] for s in settings} == set(sweep["lr"]) and {s["updates"] for s in settings} == set(sweep["updates"])
+    one = next(p for p, s in zip(points, settings) if s == dict(lr=3e-4, replay_weight=0.1, updates=1))
+    name, args = bench_module.job("grpo", 101, [], one)
+    assert name == "grpo-lr0.0003-replay_weight0.1-updates1-s101"
+    assert bench_module.tuned_of(args) == dict(lr=3e-4, replay_weight=0.1, updates=1)

@@ -77,7 +77,10 @@ def test_each_sweep_runs_its_points_and_writes_its_table(tmp_path):
     assert len(rows) == 2 and all(line.count("±") >= 2 for line in rows)  # both sets; paired differences over 2 seeds
     lucky = json.load(open(tmp_path / "bench" / "lucky.json"))
     assert {tuple(r["point"]) for r in lucky} == {(), ("--answer_len=1",)}
-    assert "lucky-pass rate" in lucky_out and lucky_out.count("| answer_len=1 |") == 2
+    assert "lucky-pass rate" in lucky_out and lucky_out.count("| answer_len=1 |") == 3  # both sets, then headroom
+    headroom = lucky_out.split("headroom after warm-up")[1]
+    assert [line.split("|")[1].strip() for line in headroom.splitlines() if line.startswith("| ")][2:] == \
+        ["default", "answer_len=1"]
     shared = json.load(open(tmp_path / "bench" / "runs" / "pmd-s1" / "done.json"))
     assert [r for r in lucky if r["method"] == "pmd" and r["seed"] == 1 and r["point"] == []][0]["curve"] == \
         [[m["rollouts"], m["heldout_acc"], m.get("unseen_acc"), m["teacher_acc"]] for m in shared["metrics"]]
