@@ -31,12 +31,12 @@ import torch
 
 import config
 import train
-from config import CONFIG_KEYS, TUNED, configure, parse_args
+from config import CONFIG_KEYS, TUNED, configure, parse_args, pick_device
 from model import encode, generate
 from pmd import step
 from report import mean_lag
 from verify import trace
-from warmup import warmup
+from warmup import warmup, warmup_path
 
 # the variants: train.py arguments on top of the run's own, from the same warm-up; the co-evolution and memory-level
 # variants are the paper's, as it defines them
@@ -57,7 +57,6 @@ VARIANTS = {
     # PMD whose insights the teacher's weights write (reflection taught in warm-up) instead of the counting rule
     "pmd-reflect": ["--method=pmd", "--reflect=model"],
 }
-WARMUP_ARGS = ("--reflect",)  # variant arguments that change the warm-up
 DEPENDS = {"frozen-memory": "frozen-policy"}  # a variant that starts from another's final memory, run after it
 WITH_MEMORY = ("frozen-policy",)  # scored by the policy reading its memory (the teacher's accuracy): it never trains
 NO_LAG = WITH_MEMORY + ("pmd-transient",)  # no internalisation lag: a policy never trained, a memory gone every step
@@ -103,20 +102,27 @@ def tuned_args(variant):
 RECORD_VERSION = 2  # done.json's format: a record of another version is rerun
 
 
+def finished(name, args, bench_dir):
+    """bench_dir/runs/name's record if it holds a finished run with these arguments, else None."""
+    d = os.path.join(bench_dir, "runs", name)
+    try:
+        with open(os.path.join(d, "done.json")) as f:
+            done = json.load(f)
+        if done["args"] == [*args, f"--out_dir={d}"] and done["version"] == RECORD_VERSION and done["metrics"]:
+            return done
+    except (OSError, ValueError, KeyError, TypeError):  # not run yet, or a record this run cannot use: run it
+        return None
+
+
 def run_one(name, args, bench_dir, threads):
     """python train.py args in bench_dir/runs/name, unless a finished run with these arguments is there.
     Returns the run's record: its arguments, its wall time and every evaluation of metrics.jsonl."""
+    done = finished(name, args, bench_dir)
+    if done:
+        return done
     d = os.path.join(bench_dir, "runs", name)
     os.makedirs(d, exist_ok=True)
     args = args + [f"--out_dir={d}"]
-    done_path = os.path.join(d, "done.json")
-    try:
-        with open(done_path) as f:
-            done = json.load(f)
-        if done["args"] == args and done["version"] == RECORD_VERSION and done["metrics"]:
-            return done
-    except (OSError, ValueError, KeyError, TypeError):  # not run yet, or a record this run cannot use: run it
-        pass
     t0 = time.time()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     with open(os.path.join(d, "log.txt"), "w") as log:
@@ -128,22 +134,25 @@ def run_one(name, args, bench_dir, threads):
         raise ValueError(f"run {name} failed (exit {p.returncode}): {why}; log: {d}/log.txt")
     metrics = [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))]
     done = dict(version=RECORD_VERSION, args=args, wall_s=round(time.time() - t0, 1), metrics=metrics)
-    tmp = done_path + ".tmp"
+    tmp = os.path.join(d, "done.json.tmp")
     with open(tmp, "w") as f:
         json.dump(done, f)
-    os.replace(tmp, done_path)
+    os.replace(tmp, os.path.join(d, "done.json"))
     return done
 
 
-def run_all(jobs, bench_dir, workers, settings):
-    """jobs: (name, train.py args). The warm-up of each of settings (lists of train.py arguments) is trained first,
-    one at a time on all cores; then the runs go in parallel. Every run's arguments are checked before any work."""
-    for _, args in jobs:
-        configure(args)
+def run_all(jobs, bench_dir, workers):
+    """jobs: (name, train.py args). Every run's arguments are checked before any work; the warm-ups that the runs
+    still to do need are trained first, one at a time on all cores; then the runs go in parallel."""
+    configs = [configure(args) for _, args in jobs]
     os.makedirs(bench_dir, exist_ok=True)
-    for common in settings:
-        c, task, device, _, _ = train.setup(common + [f"--out_dir={tempfile.mkdtemp()}"])
-        warmup(c, task, device)
+    warmups = {}  # cache path -> (config, task): runs that share a warm-up share its path
+    for (name, args), c in zip(jobs, configs):
+        if not finished(name, args, bench_dir):
+            task = train.make_task(c)
+            warmups.setdefault(warmup_path(c, task), (c, task))
+    for c, task in warmups.values():
+        warmup(c, task, pick_device(c))
     threads = max(1, (os.cpu_count() or 1) // workers)
     results, t0 = {}, time.time()
 
@@ -332,11 +341,6 @@ def family_table(seed, common):
     return [] if any(a.startswith("--task_seed=") for a in common) else [f"--task_seed={seed}"]
 
 
-def warmups(seeds, common, extra=()):
-    """The distinct warm-up settings of these seeds' runs (one per table), for run_all to train first."""
-    return [list(w) for w in dict.fromkeys(tuple([*extra, *family_table(s, common), *common]) for s in seeds)]
-
-
 def job(variant, seed, common, point=(), runs=""):
     """(name, train.py args) of one run at a point (train.py arguments on top of the default setting); the name keys
     the run directory, so runs that share arguments share it. runs: the directory of the runs (frozen-memory reads
@@ -349,17 +353,15 @@ def job(variant, seed, common, point=(), runs=""):
 
 def run_points(opts, common, variants, points):
     """Every variant on every seed at every point; a variant that starts from another's final memory (DEPENDS) runs
-    after it, and one whose arguments change the warm-up has warm-ups of its own. Returns records with their point."""
+    after it. Returns records with their point, and the runs' records by name."""
     seeds, runs = [int(s) for s in opts["seeds"].split(",")], os.path.join(opts["bench_dir"], "runs")
     needed = [DEPENDS[v] for v in variants if v in DEPENDS and DEPENDS[v] not in variants]  # run, not reported
-    own = dict.fromkeys(tuple(a for a in VARIANTS[v] if a.split("=")[0] in WARMUP_ARGS) for v in variants + needed)
-    settings = [w for p in points for extra in own for w in warmups(seeds, common, [*extra, *p])]
     results = {}
     for later in (False, True):  # the variants that read another's final memory, once it is there
         jobs = [job(v, s, common, p, runs) for p in points for v in variants + needed for s in seeds
                 if (v in DEPENDS) == later]
         if jobs:
-            results.update(run_all(jobs, opts["bench_dir"], opts["workers"], settings))
+            results.update(run_all(jobs, opts["bench_dir"], opts["workers"]))
     return [dict(record(v, s, results[job(v, s, common, p)[0]]), point=list(p)) for p in points for v in variants
             for s in seeds], results
 

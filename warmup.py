@@ -121,14 +121,19 @@ WARMUP_KEYS = ("plan_len", "n_ops", "input_len", "answer_len", "n_layer", "n_hea
                "mem_min_agree", "mem_min_support", "mem_budget")
 
 
-def warmup(c, task, device):
-    """The warm-up model for this config and task, from cache_dir; trained and cached if absent or unloadable."""
+def warmup_path(c, task):
+    """cache_dir/warmup-<tag>.pt, the tag a hash of everything the warm-up depends on."""
     problems = [p.pid for p in task.train + task.heldout + task.unseen]  # a task's settings show in its problems
     key = dict({k: getattr(c, k) for k in WARMUP_KEYS}, task=type(task).__name__, max_completion=task.max_completion,
                version=WARMUP_VERSION, problems=hashlib.sha1(json.dumps(problems).encode()).hexdigest(),
                **reflection_mix(c))
     tag = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-    path = os.path.join(c.cache_dir, f"warmup-{tag}.pt")
+    return os.path.join(c.cache_dir, f"warmup-{tag}.pt")
+
+
+def warmup(c, task, device):
+    """The warm-up model for this config and task, from cache_dir; trained and cached if absent or unloadable."""
+    path = warmup_path(c, task)
     torch.manual_seed(c.warmup_seed)  # before the model's init: torch's start-up seed differs from process to process
     model = GPT(GPTConfig(c.block_size, c.n_layer, c.n_head, c.n_embd)).to(device)
     if os.path.exists(path):

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -70,19 +71,24 @@ def test_bench_runs_every_variant_and_reuses_finished_runs(tmp_path):
     assert len(list((tmp_path / "cache").glob("warmup-*.pt"))) == 2
     assert bench_module.family_table(3, ["--task_seed=7"]) == []
     assert bench_module.job("grpo", 3, ["--task_seed=7"])[1].count("--task_seed=7") == 1
-    # a second call finds every run finished with the same arguments: nothing reruns, the same table comes out
+    # a second call finds every run finished with the same arguments: nothing reruns, the same table comes out, and
+    # no warm-up is trained (the cache is gone: the finished runs need none)
     logs = sorted((tmp_path / "bench" / "runs").glob("*/log.txt"))
     stamps = [f.stat().st_mtime_ns for f in logs]
+    shutil.rmtree(tmp_path / "cache")
     again = bench(args, tmp_path)
     assert again.returncode == 0 and table(again.stdout) == rows
-    assert [f.stat().st_mtime_ns for f in logs] == stamps
+    assert [f.stat().st_mtime_ns for f in logs] == stamps and not (tmp_path / "cache").exists()
     # a run whose record is corrupt, or was made with other arguments, runs again; the others are still reused
+    assert [f.parent.name for f in logs] == ["frozen-policy-s1", "frozen-policy-s2", "grpo-s1", "grpo-s2"]
     (logs[0].parent / "done.json").write_text("{")
-    done = json.load(open(logs[1].parent / "done.json"))
-    (logs[1].parent / "done.json").write_text(json.dumps(dict(done, args=done["args"] + ["--steps=2"])))
+    done = json.load(open(logs[2].parent / "done.json"))
+    (logs[2].parent / "done.json").write_text(json.dumps(dict(done, args=done["args"] + ["--steps=2"])))
     third = bench(args, tmp_path)
     assert third.returncode == 0 and third.stdout.count("new inputs") >= 4
-    assert [f.stat().st_mtime_ns != t for f, t in zip(logs, stamps)] == [True, True, False, False]
+    assert [f.stat().st_mtime_ns != t for f, t in zip(logs, stamps)] == [True, False, True, False]
+    # both reruns are seed 1's: its table's warm-up, and only that one, is trained again
+    assert len(list((tmp_path / "cache").glob("warmup-*.pt"))) == 1
 
 
 @in_background
