@@ -541,7 +541,6 @@ def plot_points(records, points, variants, xs, xlabel, diffs, path, log=False):
     print(f"wrote {path}")
 
 
-
 def sweep_points():
     """The SWEEP grid's points, each as train.py arguments."""
     return [(f"--lr={lr:g}", f"--replay_weight={w:g}", f"--updates={u}")
