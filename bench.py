@@ -12,8 +12,9 @@ Benchmarks: does PMD's memory make the memory-free student learn faster and bett
     python bench.py --budget         # the highest-pressure point at twice the budget: PMD against a frozen policy
 
 Bench options: --seeds=1337,1,2,3,4  --variants=...  --workers=2  --bench_dir=out/bench  --knob=plan_len:1,2,3,4
-(--difficulty's setting and values). Every other --key=value is a train.py setting for every run. Each run lives in
-bench_dir/runs/<name>, and a finished run with the same arguments is reused: an interrupted benchmark continues.
+(--difficulty's setting and values); an option the mode does not read (READS) is an error. Every other --key=value
+is a train.py setting for every run. Each run lives in bench_dir/runs/<name>, and a finished run with the same
+arguments is reused: an interrupted benchmark continues.
 Each seed's runs use a family table of their own (--task_seed=<seed>), so the spread over seeds is a spread over
 tables too; --task_seed=N fixes one table for every run.
 """
@@ -71,6 +72,9 @@ BENCH = dict(  # bench.py's own options, --key=value; each comment starts with w
     bench_dir="out/bench",  # a writable directory
     knob="plan_len:1,2,3,4",  # a train.py setting and its values: --difficulty's knob
 )
+RUNS = ("seeds", "workers", "bench_dir")
+READS = dict(bench=(*RUNS, "variants"), difficulty=(*RUNS, "knob"), sweep=RUNS[1:], speed=("bench_dir",), pressure=RUNS,
+             lucky=RUNS, budget=RUNS)  # the options each mode reads: another one given is an error, not ignored
 SETS = dict(heldout="new inputs", unseen="unseen families")  # the two evaluation sets, as tables name them
 # where PMD's mechanisms matter, each along the knob that controls it (fixed before any of these runs; bench.TUNED)
 PRESSURE = [(), ("--plan_len=3", "--families_per_group=2"), ("--plan_len=3",),  # RL families at a fixed budget
@@ -639,7 +643,7 @@ def speed_step(run, steps):
     return out
 
 
-def speed(_, common):
+def speed(opts, common):
     """bench.py --speed: the default config unless settings say otherwise; the cached warm-up (trained if missing)."""
     with tempfile.TemporaryDirectory() as d:
         c, task, device, _, _ = train.setup(common + [f"--out_dir={d}"])
@@ -649,16 +653,16 @@ def speed(_, common):
         out = dict(device=device, sampling=speed_sampling(run, repeats=5))
         steps = int(os.environ.get("BENCH_SPEED_STEPS", 20))
         out["step"] = speed_step(run, steps)
-    os.makedirs("out/bench", exist_ok=True)
-    with open("out/bench/speed.json", "w") as f:
-        json.dump(out, f, indent=1)
-    print("wrote out/bench/speed.json")
+    path = os.path.join(opts["bench_dir"], "speed.json")
+    os.makedirs(opts["bench_dir"], exist_ok=True)
+    save_json(out, path)
+    print(f"wrote {path}")
 
 
 def main(argv):
     modes = dict(bench=bench, sweep=sweep, difficulty=difficulty, speed=speed, pressure=pressure, lucky=lucky,
                  budget=budget)
-    mode, opts, common = "bench", dict(BENCH), []
+    mode, opts, given, common = "bench", dict(BENCH), [], []
     for a in argv:
         if a.startswith("--") and a[2:] in modes:
             mode = a[2:]
@@ -671,9 +675,14 @@ def main(argv):
                 opts[key] = type(BENCH[key])(val)
             except ValueError:
                 raise ValueError(f"bench option {key!r} expects {type(BENCH[key]).__name__}, got {val!r}") from None
+            given.append(key)
         else:
             common.append(a)
-    if mode in ("pressure", "lucky", "budget") and not any(a.startswith("--seeds=") for a in argv):
+    for key in given:  # an option the mode would ignore is an error: the user meant something by it
+        if key not in READS[mode]:
+            reads = ", ".join(READS[mode]) or "none"
+            raise ValueError(f"bench option {key!r} is not read by --{mode}: it reads {reads}")
+    if mode in ("pressure", "lucky", "budget") and "seeds" not in given:
         opts["seeds"] = SWEEP_SEEDS_3
     check_options(opts)
     configure(common)  # a bad setting fails now; run_all checks every run's own arguments before any run starts

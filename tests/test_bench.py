@@ -139,7 +139,10 @@ def test_bench_errors_are_one_line(tmp_path):
     cases = ((["--variants=pmd,ppo"], "variants='pmd,ppo' is not allowed"),
              (["--workers=x"], "bench option 'workers' expects int"),
              (["--lr=fast"], "config key 'lr' expects float"),
-             (["--difficulty", "--knob=plan_length:1"], "knob='plan_length:1' is not allowed"))
+             (["--difficulty", "--knob=plan_length:1"], "knob='plan_length:1' is not allowed"),
+             (["--sweep", "--seeds=1"], "bench option 'seeds' is not read by --sweep: it reads workers, bench_dir"),
+             (["--pressure", "--variants=pmd"], "bench option 'variants' is not read by --pressure"),
+             (["--knob=plan_len:1,2"], "bench option 'knob' is not read by --bench"))
     for args, msg in cases:
         dirs = [f"--bench_dir={tmp_path / 'bench'}", f"--cache_dir={tmp_path / 'cache'}"]
         p = run_script("bench.py", TINY + args + dirs, cwd=tmp_path)
@@ -151,8 +154,8 @@ def test_bench_errors_are_one_line(tmp_path):
 def test_speed_prints_the_speedup_the_phases_and_the_memory_cost(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", BENCH_SPEED_STEPS="2")
     p = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), "--speed", *TINY,
-                        f"--cache_dir={tmp_path / 'cache'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=300)
+                        f"--cache_dir={tmp_path / 'cache'}", f"--bench_dir={tmp_path / 'speed'}"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     out = p.stdout
     speedup = [line for line in out.splitlines() if line.startswith("sampling speedup:")]  # a ratio of times: its form
@@ -160,7 +163,7 @@ def test_speed_prints_the_speedup_the_phases_and_the_memory_cost(tmp_path):
                                               speedup[0]), speedup
     for phase in ("rollout", "verify", "memory", "teacher", "student", "optimizer"):
         assert any(l.strip().startswith(phase) and "%" in l for l in out.splitlines()), phase
-    saved = json.load(open(tmp_path / "out" / "bench" / "speed.json"))
+    saved = json.load(open(tmp_path / "speed" / "speed.json"))
     assert {"rollout", "verify", "memory", "teacher", "student", "optimizer"} <= set(saved["step"]["phases_ms"])
 
 
