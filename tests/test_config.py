@@ -218,10 +218,11 @@ def test_cli_errors_are_one_line_before_any_file(tmp_path):
                                         ("--seeds=nan", "seeds='nan'"),
                                         ("--workers=0", "workers=0"), ("--workers=nan", "'workers' expects int"),
                                         ("--variants=pmd,ppo", "variants='pmd,ppo'"), ("--variants=", "variants=''"),
-                                        ("--knob=plan_len:1,9", "plan_len=9"), ("--knob=foo:1", "knob='foo:1'"),
+                                        ("--difficulty --knob=plan_len:1,9", "plan_len=9"),
+                                        ("--difficulty --knob=foo:1", "knob='foo:1'"),
                                         ("--bench_dir=", "bench_dir")])
 def test_bench_options_are_checked_before_any_work(tmp_path, monkeypatch, opt, words):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError) as e:
-        bench.main([opt])
+        bench.main(opt.split())
     assert words in str(e.value) and "\n" not in str(e.value) and os.listdir(tmp_path) == []
