@@ -360,14 +360,29 @@ def run_points(opts, common, variants, points):
     after it. Returns records with their point, and the runs' records by name."""
     seeds, runs = [int(s) for s in opts["seeds"].split(",")], os.path.join(opts["bench_dir"], "runs")
     needed = [DEPENDS[v] for v in variants if v in DEPENDS and DEPENDS[v] not in variants]  # run, not reported
-    results = {}
+    results, every = {}, []
     for later in (False, True):  # the variants that read another's final memory, once it is there
         jobs = [job(v, s, common, p, runs) for p in points for v in variants + needed for s in seeds
                 if (v in DEPENDS) == later]
         if jobs:
             results.update(run_all(jobs, opts["bench_dir"], opts["workers"]))
+        every += jobs
+    check_starts(every, results)
     return [dict(record(v, s, results[job(v, s, common, p)[0]]), point=list(p)) for p in points for v in variants
             for s in seeds], results
+
+
+def check_starts(jobs, results):
+    """Runs that share a warm-up start from one model, so their step-0 pass@k agree. A finished record that disagrees
+    started from another warm-up (another machine's or another cache's) and breaks the pairing: a warning names it."""
+    first = {}
+    for name, args in jobs:
+        c = configure(args)
+        start = {k: v for k, v in results[name]["metrics"][0].items() if "_pass@" in k}
+        other, seen = first.setdefault(warmup_path(c, train.make_task(c)), (name, start))
+        if start != seen:
+            print(f"warning: {name} and {other} share a warm-up but start apart (step-0 pass@k): one was measured from "
+                  "another warm-up; delete the stale runs' directories to rerun them", file=sys.stderr)
 
 
 def bench(opts, common):

@@ -40,6 +40,7 @@ def test_bench_runs_every_variant_and_reuses_finished_runs(tmp_path):
     p = bench(args, tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.count("new inputs") >= 4 and "[4/4]" in p.stdout  # progress: one line per finished run
+    assert "start apart" not in p.stderr  # the methods that share a warm-up start from the same step-0 evaluation
     rows = table(p.stdout)
     assert [r.split("|")[1].strip() for r in rows] == ["grpo", "frozen-policy"]
     header = next(line for line in p.stdout.splitlines() if line.startswith("| method")).split("|")
@@ -89,6 +90,14 @@ def test_bench_runs_every_variant_and_reuses_finished_runs(tmp_path):
     assert [f.stat().st_mtime_ns != t for f, t in zip(logs, stamps)] == [True, False, True, False]
     # both reruns are seed 1's: its table's warm-up, and only that one, is trained again
     assert len(list((tmp_path / "cache").glob("warmup-*.pt"))) == 1
+    assert "start apart" not in third.stderr
+    # a record that started from another warm-up than its seed's other runs is named: it would break the pairing
+    done = json.load(open(logs[3].parent / "done.json"))
+    done["metrics"][0]["heldout_pass@1"] += 0.01
+    (logs[3].parent / "done.json").write_text(json.dumps(done))
+    fourth = bench(args, tmp_path)
+    assert fourth.returncode == 0 and fourth.stderr.count("start apart") == 1
+    assert "warning: frozen-policy-s2 and grpo-s2 share a warm-up" in fourth.stderr
 
 
 @in_background
