@@ -296,8 +296,14 @@ def pyplot(path):
     return plt
 
 
+def label(v):
+    """A variant's name in a legend, saying where its score is the policy reading its memory."""
+    return f"{v} (reading its memory)" if v in WITH_MEMORY else v
+
+
 def plot(records, variants, path):
-    """Memory-free accuracy against rollouts, mean and std band over seeds: one panel per evaluation set."""
+    """Greedy accuracy against rollouts (memory-free but where the legend says), mean and std band over seeds: one panel
+    per evaluation set."""
     plt = pyplot(path)
     if plt is None:
         return
@@ -310,11 +316,11 @@ def plot(records, variants, path):
             accs = [[c[i][col] or 0.0 for c in curves] for i in range(n)]
             mean = [statistics.mean(a) for a in accs]
             std = [statistics.stdev(a) if len(a) > 1 else 0.0 for a in accs]
-            line, = ax.plot(x, mean, label=v, lw=2 if v in METHODS else 1)
+            line, = ax.plot(x, mean, label=label(v), lw=2 if v in METHODS else 1)
             lo, hi = [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)]
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15)
         ax.axhline(0.8, color="grey", ls=":", lw=1)
-        ax.set(xlabel="rollouts", title=f"{name} (greedy, no memory), mean ± std over seeds", ylim=(0, 1))
+        ax.set(xlabel="rollouts", title=f"{name} (greedy), mean ± std over seeds", ylim=(0, 1))
     axes[0].set_ylabel("accuracy")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -541,9 +547,12 @@ def plot_points(records, points, variants, xs, xlabel, diffs, path, log=False):
             accs = [[r.get(f"{key}_acc") or 0.0 for r in records if r["method"] == v and r["point"] == list(points[i])]
                     for i in order]
             ax.errorbar(x, [statistics.mean(a) for a in accs], [statistics.stdev(a) if len(a) > 1 else 0 for a in accs],
-                        label=v, marker="o", capsize=3)
+                        label=label(v), marker="o", capsize=3)
         ax.set(xlabel=xlabel, ylabel="final accuracy, mean ± std over seeds", title=name, ylim=(0, 1.02),
                xscale="log" if log else "linear")
+    for i in order:  # each point's setting along the first panel's floor: two settings may share an x
+        axes[0].annotate(" ".join(a[2:] for a in points[i]) or "default", (xs[i], 0.02), rotation=90, fontsize=6,
+                         color="grey", ha="center", va="bottom")
     for a, b in diffs:
         for key, name in SETS.items():
             d = [paired(records, a, b, key, points[i]) or (0.0, 0.0) for i in order]
