@@ -542,22 +542,24 @@ def plot_points(records, points, variants, xs, xlabel, diffs, path, log=False):
     fig, axes = plt.subplots(1, panels, figsize=(5.7 * panels, 4.5))
     order = sorted(range(len(points)), key=lambda i: xs[i])
     x = [xs[i] for i in order]
+    ls = "none" if len(set(x)) < len(x) else "-"  # two settings at one x: a line between them would mean nothing
     for ax, (key, name) in zip(axes, SETS.items()):
         for v in variants:
             accs = [[r.get(f"{key}_acc") or 0.0 for r in records if r["method"] == v and r["point"] == list(points[i])]
                     for i in order]
             ax.errorbar(x, [statistics.mean(a) for a in accs], [statistics.stdev(a) if len(a) > 1 else 0 for a in accs],
-                        label=label(v), marker="o", capsize=3)
+                        label=label(v), marker="o", capsize=3, ls=ls)
         ax.set(xlabel=xlabel, ylabel="final accuracy, mean ± std over seeds", title=name, ylim=(0, 1.02),
                xscale="log" if log else "linear")
-    for i in order:  # each point's setting along the first panel's floor: two settings may share an x
-        axes[0].annotate(" ".join(a[2:] for a in points[i]) or "default", (xs[i], 0.02), rotation=90, fontsize=6,
-                         color="grey", ha="center", va="bottom")
+    for n, i in enumerate(order):  # each point's setting along the first panel's floor, side by side at one x
+        shift = 8 * sum(xs[j] == xs[i] for j in order[:n])
+        axes[0].annotate(" ".join(a[2:] for a in points[i]) or "default", (xs[i], 0.02), xytext=(shift, 0),
+                         textcoords="offset points", rotation=90, fontsize=6, color="grey", ha="center", va="bottom")
     for a, b in diffs:
         for key, name in SETS.items():
             d = [paired(records, a, b, key, points[i]) or (0.0, 0.0) for i in order]
             axes[2].errorbar(x, [m for m, _ in d], [2 * se for _, se in d], label=f"{a} - {b}: {name}", marker="o",
-                             capsize=3)
+                             capsize=3, ls=ls)
     if diffs:
         axes[2].axhline(0, color="grey", lw=1)
         axes[2].set(xlabel=xlabel, ylabel="paired difference, ± 2 standard errors", xscale="log" if log else "linear",
