@@ -296,6 +296,11 @@ def pyplot(path):
     return plt
 
 
+def setting(point):
+    """A point's name in tables and plots: its train.py arguments without dashes, or 'default'."""
+    return " ".join(a[2:] for a in point) or "default"
+
+
 def label(v):
     """A variant's name in a legend, saying where its score is the policy reading its memory."""
     return f"{v} (reading its memory)" if v in WITH_MEMORY else v
@@ -430,7 +435,7 @@ def along(opts, common, name, variants, points, xs=None, xlabel="", diffs=(), lo
             acc = lambda v: [r.get(f"{key}_acc") for r in records if r["method"] == v and r["point"] == list(p)]
             ds = [paired(records, a, b, key, p) for a, b in diffs]
             xcell = [xfmt.format(x[i])] if x else []
-            print(md([" ".join(a[2:] for a in p) or "default", *xcell, *(mean_std(acc(v)) for v in variants),
+            print(md([setting(p), *xcell, *(mean_std(acc(v)) for v in variants),
                       *("-" if d is None else f"{d[0]:+.3f} ± {d[1]:.3f}" for d in ds)]))
     print(f"\nwall time {(time.time() - t0) / 60:.1f} min; wrote {opts['bench_dir']}/{name}.json")
     if x:
@@ -507,7 +512,7 @@ def lucky(opts, common):
     print("\nheadroom after warm-up on new inputs, mean ± std over seeds:\n\n"
           + md(["setting", "teacher+experience", "teacher+insight"]) + "\n" + md(["---"] * 3))
     for p, head in zip(LUCKY, heads):
-        print(md([" ".join(a[2:] for a in p) or "default", *head]))
+        print(md([setting(p), *head]))
 
 
 def budget(opts, common):
@@ -553,7 +558,7 @@ def plot_points(records, points, variants, xs, xlabel, diffs, path, log=False):
                xscale="log" if log else "linear")
     for n, i in enumerate(order):  # each point's setting along the first panel's floor, side by side at one x
         shift = 8 * sum(xs[j] == xs[i] for j in order[:n])
-        axes[0].annotate(" ".join(a[2:] for a in points[i]) or "default", (xs[i], 0.02), xytext=(shift, 0),
+        axes[0].annotate(setting(points[i]), (xs[i], 0.02), xytext=(shift, 0),
                          textcoords="offset points", rotation=90, fontsize=6, color="grey", ha="center", va="bottom")
     for a, b in diffs:
         for key, name in SETS.items():
