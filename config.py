@@ -41,7 +41,7 @@ input_len = 5  # letters per input string
 n_train = 32  # RL inputs per family (with n_heldout at most the 12**input_len distinct inputs)
 n_heldout = 8  # held-out inputs per family (evaluation only), and inputs per unseen family
 n_unseen = 2  # families per letter that RL never trains on (evaluation only)
-answer_len = 2  # letters of the answer (at most input_len): a wrong plan passes 1 time in 12**answer_len
+answer_len = 2  # letters of the answer (at most input_len): the fewer, the more often a wrong plan passes by chance
 task_seed = 0  # [0, 4294967295]: the family table
 # model
 n_layer = 3  # [1, inf)
