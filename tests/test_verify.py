@@ -32,7 +32,8 @@ def other_plan(task, p):
 
 def test_only_the_answer_is_checked_so_a_wrong_plan_can_pass_by_coincidence():
     """A faithful trace of another plan whose last string starts with the same answer_len letters passes; such lucky
-    passes exist on the default table (about 1 in 85 random plans), and on other inputs the same plan fails."""
+    passes exist on the default table (about 1 in 85 input and wrong plan pairs), and on other inputs the same
+    plan fails."""
     lucky = [(p, plan) for p in TASK.train[::5] for plan in itertools.product(TASK.ops, repeat=TASK.plan_len)
              if plan != TASK.families[p.family]
              and answer(TASK, plan, inp(p)) == answer(TASK, TASK.families[p.family], inp(p))]
